@@ -1,0 +1,212 @@
+"""Condition codec: convolutional encoder -> VQ bottleneck -> decoder to the denoiser's token grid (spec §3).
+
+Rate geometry. The index grid has stride s = ds when up2x is on, else ds/2 (QUIRK of the release: the
+stage-1 configs named "ds=32" really code one index per 16x16 pixels). The decoder always brings the index
+grid to the token grid, whose stride is 16 pixels for every released model (pixel p=16; latent 8*p=16):
+stride 32 -> one trailing Up (`ada`), 128 -> two Ups inside `block` plus `ada`, 64 -> the two Ups only,
+16 -> nothing, 8 -> a strided conv_out, 4 -> conv s2, ResBlock, conv s2. For the released layouts this rule
+gives exactly the official modules; for the non-released ds<=16 rates it is our documented generalisation
+(docs/compat.md).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cod.models.vq import VectorQuantizer
+
+TOKEN_STRIDE = 16  # pixels per condition token for every CoD configuration
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int | None = None):
+        super().__init__()
+        out_ch = out_ch or in_ch
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = group_norm(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return skip + h
+
+
+class SpatialAttention(nn.Module):
+    """Single-head self-attention over all positions; scale 1/sqrt(channels) as in the release."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        u = self.norm(x)
+        q, k, v = (m(u).reshape(B, 1, C, H * W).transpose(2, 3) for m in (self.q, self.k, self.v))
+        o = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C], memory-efficient on large images
+        return x + self.proj_out(o.transpose(2, 3).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    """Zero-pad one row at the bottom and one column at the right, then a 3x3 stride-2 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 followed by a ResBlock."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block = ResBlock(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def index_stride(ds: int, up2x: bool) -> int:
+    """Pixels per VQ index along each axis (QUIRK: up2x=False halves the nominal ds)."""
+    return ds if up2x else ds // 2
+
+
+def bits_per_pixel(ds: int, bits: int, up2x: bool) -> float:
+    """The real rate of the fixed-length code, not the nominal bits/ds^2 that the release reports."""
+    return bits / index_stride(ds, up2x) ** 2
+
+
+SUPPORTED_DS = (4, 8, 16, 32, 128)
+
+
+class ConditionEncoder(nn.Module):
+    """Image in [0, 1] -> continuous latent [B, latent_dim, H/s, W/s]."""
+
+    def __init__(self, ds: int = 32, up2x: bool = True, width: int = 128, latent_dim: int = 128):
+        super().__init__()
+        if ds not in SUPPORTED_DS:
+            raise ValueError(f"condition encoder supports ds in {SUPPORTED_DS}, got {ds}")
+        c1, c2, c4 = width, 2 * width, 4 * width
+        self.conv_in = nn.Conv2d(3, c1, 3, stride=2 if up2x else 1, padding=1)
+        self.down_block_0 = nn.Sequential(ResBlock(c1), ResBlock(c1), Downsample(c1))
+        self.down_block_1 = nn.Sequential(ResBlock(c1), ResBlock(c1), *([Downsample(c1)] if ds >= 8 else []))
+        self.down_block_2 = nn.Sequential(ResBlock(c1, c2), ResBlock(c2), *([Downsample(c2)] if ds >= 16 else []))
+        self.down_block_3 = nn.Sequential(ResBlock(c2), ResBlock(c2), *([Downsample(c2)] if ds >= 32 else []))
+        if ds == 128:
+            c8 = 8 * width
+            self.down_block_4 = nn.Sequential(
+                ResBlock(c2, c4), SpatialAttention(c4), ResBlock(c4), SpatialAttention(c4), Downsample(c4),
+                ResBlock(c4, c8), SpatialAttention(c8), ResBlock(c8), SpatialAttention(c8), Downsample(c8),
+            )
+            top = c8
+        else:
+            self.down_block_4 = nn.Sequential(ResBlock(c2, c4), SpatialAttention(c4), ResBlock(c4), SpatialAttention(c4))
+            top = c4
+        self.mid_block = nn.Sequential(ResBlock(top), SpatialAttention(top), ResBlock(top))
+        self.norm_out = group_norm(top)
+        self.conv_out = nn.Conv2d(top, latent_dim, 3, padding=1)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(y)
+        for block in (self.down_block_0, self.down_block_1, self.down_block_2, self.down_block_3,
+                      self.down_block_4, self.mid_block):
+            h = block(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class ConditionDecoder(nn.Module):
+    """Quantised latent [B, latent_dim, H/s, W/s] -> condition map [B, D, H/16, W/16]."""
+
+    def __init__(self, stride: int, hidden_size: int, latent_dim: int = 128):
+        super().__init__()
+        D = hidden_size
+        self.conv_in = nn.Conv2d(latent_dim, D, 3, padding=1)
+        if stride >= 64:
+            self.block = nn.Sequential(
+                ResBlock(D), SpatialAttention(D), Upsample(D), ResBlock(D), SpatialAttention(D), Upsample(D),
+                ResBlock(D), SpatialAttention(D), ResBlock(D),
+            )
+            stride //= 4
+        else:
+            self.block = nn.Sequential(
+                ResBlock(D), SpatialAttention(D), ResBlock(D), SpatialAttention(D), ResBlock(D),
+                SpatialAttention(D), ResBlock(D),
+            )
+        self.norm_out = group_norm(D)
+        if stride == 4:
+            self.conv_out = nn.Sequential(
+                nn.Conv2d(D, D, 3, stride=2, padding=1), ResBlock(D), nn.Conv2d(D, D, 3, stride=2, padding=1)
+            )
+        elif stride in (8, 16, 32):
+            self.conv_out = nn.Conv2d(D, D, 3, stride=2 if stride == 8 else 1, padding=1)
+        else:
+            raise ValueError(f"no decoder layout maps index stride {stride} to the token stride {TOKEN_STRIDE}")
+        self.ada = Upsample(D) if stride == 32 else None
+
+    def forward(self, zq: torch.Tensor) -> torch.Tensor:
+        h = self.block(self.conv_in(zq))
+        h = self.conv_out(F.silu(self.norm_out(h)))
+        return h if self.ada is None else self.ada(h)
+
+
+class ConditionCodec(nn.Module):
+    """Encoder + VQ + decoder. `forward` is the training / evaluate path; `encode_indices` and
+    `decode_indices` are the compress / decompress halves (the latter uses exact codebook rows)."""
+
+    def __init__(self, hidden_size: int, ds: int = 32, bits: int = 4, up2x: bool = True,
+                 encoder_width: int = 128, latent_dim: int = 128):
+        super().__init__()
+        self.ds, self.bits, self.up2x = ds, bits, up2x
+        self.stride = index_stride(ds, up2x)
+        self.encoder = ConditionEncoder(ds, up2x, encoder_width, latent_dim)
+        self.bottleneck = VectorQuantizer(2 ** bits, latent_dim)
+        self.decoder = ConditionDecoder(self.stride, hidden_size, latent_dim)
+
+    @property
+    def bpp(self) -> float:
+        return bits_per_pixel(self.ds, self.bits, self.up2x)
+
+    def index_grid(self, height: int, width: int) -> tuple[int, int]:
+        return height // self.stride, width // self.stride
+
+    def forward(self, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        zq, vq_loss, indices = self.bottleneck(self.encoder(y))
+        cond = self.decoder(zq)
+        # bpp_hard is the nominal rate the release logs; bpp is the real one (they differ when up2x is off).
+        return cond, {"vq_loss": vq_loss, "indices": indices.flatten(), "bpp_hard": self.bits / self.ds ** 2,
+                      "bpp": self.bpp}
+
+    @torch.no_grad()
+    def encode_indices(self, y: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> indices [B, H/s, W/s]."""
+        return self.bottleneck.nearest(self.encoder(y))
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices [B, h, w] -> condition map [B, D, Hp, Wp]."""
+        return self.decoder(self.bottleneck.lookup(indices).to(self.decoder.conv_in.weight.dtype))
+
+
+def check_image_size(height: int, width: int, multiple: int) -> None:
+    if height % multiple or width % multiple or height <= 0 or width <= 0:
+        raise ValueError(f"image size {height}x{width} must be a positive multiple of {multiple}")
+
+
+def required_multiple(codec_stride: int, pixel_multiple: int) -> int:
+    return math.lcm(codec_stride, pixel_multiple)

@@ -1,0 +1,181 @@
+"""Transformer building blocks shared by PixNerDiT and DDT (spec §4).
+
+Every function here is written to reproduce the official numerics in float32; where the official choice is
+unusual (max_period 10, RoPE positions spanning [0, 16]) a comment says so, because released checkpoints
+were trained with it and must see exactly the same features.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Normalisation and feed-forward
+# --------------------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """y = g * x / sqrt(mean(x^2) + eps), computed in float32 whatever the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class SwiGLU(nn.Module):
+    """FFN(x) = W2(silu(W1 x) * W3 x), no biases; inner width floor(2 * 4D / 3) as in the release."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        hidden = int(2 * int(dim * mlp_ratio) / 3)
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Time embedding
+# --------------------------------------------------------------------------------------------------------------
+def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10.0) -> torch.Tensor:
+    """Sinusoidal features of flow time t in [0, 1], cosine half first.
+
+    QUIRK kept for checkpoints: max_period is 10 (not 10000) because t is not scaled by 1000.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden_size: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        feats = timestep_features(t, self.frequency_size).to(self.mlp[0].weight.dtype)
+        return self.mlp(feats)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2-D rotary position embedding
+# --------------------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=32)
+def _rope_cached(height: int, width: int, head_dim: int, device: str, theta: float, span: float) -> torch.Tensor:
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 4, dtype=torch.float32)[: head_dim // 4] / head_dim))
+    # QUIRK kept for checkpoints: positions are normalised to span [0, span] whatever the grid size.
+    xpos = torch.linspace(0, span, width, dtype=torch.float32)
+    ypos = torch.linspace(0, span, height, dtype=torch.float32)
+    ygrid, xgrid = torch.meshgrid(ypos, xpos, indexing="ij")
+    x_angles = torch.outer(xgrid.flatten(), freqs)
+    y_angles = torch.outer(ygrid.flatten(), freqs)
+    x_cis = torch.polar(torch.ones_like(x_angles), x_angles)
+    y_cis = torch.polar(torch.ones_like(y_angles), y_angles)
+    # Axis-interleaved layout: entry 2j rotates with x, entry 2j+1 with y.
+    return torch.stack([x_cis, y_cis], dim=-1).reshape(height * width, head_dim // 2).to(device)
+
+
+def rope_2d(height: int, width: int, head_dim: int, device: torch.device | str = "cpu",
+            theta: float = 10000.0, span: float = 16.0) -> torch.Tensor:
+    """Complex rotations [L, head_dim/2] for a height x width token grid (row-major tokens)."""
+    if head_dim % 4:
+        raise ValueError(f"2-D RoPE needs a head dim divisible by 4, got {head_dim}")
+    return _rope_cached(height, width, head_dim, str(device), theta, span)
+
+
+def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, L, G, d] by freqs_cis [L, d/2] in float32 (pairs (2m, 2m+1) as complex numbers)."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    out = torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(3)
+    return out.type_as(x)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attention + adaLN transformer block
+# --------------------------------------------------------------------------------------------------------------
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention over [B, L, G, d] tensors; the fused Triton kernel is used where it is available."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim)
+        self.k_norm = RMSNorm(self.head_dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).unbind(2)
+        q = apply_rope(self.q_norm(q), freqs_cis)
+        k = apply_rope(self.k_norm(k), freqs_cis)
+        out = attention(q, k, v)
+        return self.proj(out.reshape(B, L, D))
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm attention + SwiGLU block with adaLN modulation from an (already activated) conditioning c.
+
+    c is [B, 1, D] (broadcast over tokens, the s stream) or [B, L, D] (per token, the DDT x stream).
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = RMSNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = RMSNorm(dim)
+        self.mlp = SwiGLU(dim, mlp_ratio)
+        self.adaLN_modulation = nn.Sequential(nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), freqs_cis)
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Patchify / unpatchify (token n = patch (row, col), feature = ch * p^2 + ky * p + kx)
+# --------------------------------------------------------------------------------------------------------------
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(tokens: torch.Tensor, p: int, channels: int, height: int, width: int) -> torch.Tensor:
+    B = tokens.shape[0]
+    hp, wp = height // p, width // p
+    x = tokens.reshape(B, hp, wp, channels, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(B, channels, height, width)
+
+
+def tokens_from_map(x: torch.Tensor) -> torch.Tensor:
+    """[B, D, h, w] -> [B, h*w, D] (row-major)."""
+    return x.flatten(2).transpose(1, 2)

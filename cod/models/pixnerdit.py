@@ -1,0 +1,115 @@
+"""PixNerDiT: CoD's pixel-space denoiser (spec §5).
+
+A DiT over 16x16 patches produces one vector per patch (the s stream); a per-patch hyper-network ("NerF"
+blocks) then decodes every pixel of the patch from its 3 noisy values, a condition embedding and 8x8 DCT
+position features, with MLP weights generated from that patch's s vector.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cod.models.condition_codec import ConditionCodec
+from cod.models.denoiser import CoDDenoiser, PatchEmbed
+from cod.models.layers import DiTBlock, RMSNorm, TimestepEmbedder, unpatchify
+
+
+def dct_position_features(patch_size: int, device=None) -> torch.Tensor:
+    """[p*p, 64] features cos(pi px phi_a) cos(pi py phi_b) / (1 + phi_a phi_b), feature index 8a + b.
+
+    QUIRK kept for checkpoints: the frequencies are linspace(0, 8, 8), not the integers 0..7.
+    """
+    pos = torch.linspace(0, 1, patch_size, dtype=torch.float32, device=device)
+    py, px = torch.meshgrid(pos, pos, indexing="ij")
+    px, py = px.reshape(-1, 1, 1), py.reshape(-1, 1, 1)
+    phi = torch.linspace(0, 8, 8, dtype=torch.float32, device=device)
+    fa, fb = phi.view(1, 8, 1), phi.view(1, 1, 8)
+    feats = torch.cos(torch.pi * px * fa) * torch.cos(torch.pi * py * fb) / (1 + fa * fb)
+    return feats.reshape(patch_size * patch_size, 64)
+
+
+class NerfEmbedder(nn.Module):
+    """Per-pixel input layer: [3 pixel values, Dx condition channels, 64 DCT features] -> Dx."""
+
+    def __init__(self, in_features: int, hidden_size_x: int, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.embedder = nn.Sequential(nn.Linear(in_features + 64, hidden_size_x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dct = dct_position_features(self.patch_size, x.device).to(x.dtype)
+        return self.embedder(torch.cat([x, dct.expand(x.shape[0], -1, -1)], dim=-1))
+
+
+class NerfBlock(nn.Module):
+    """X <- X + silu(RMSNorm(X) M1) M2 with per-patch M1, M2 generated from the patch's s vector and
+    column-normalised (each column unit L2 norm over the input dimension)."""
+
+    def __init__(self, hidden_size: int, hidden_size_x: int, mlp_ratio: int):
+        super().__init__()
+        self.hidden_size_x = hidden_size_x
+        self.mlp_ratio = mlp_ratio
+        self.param_generator1 = nn.Sequential(nn.Linear(hidden_size, 2 * hidden_size_x ** 2 * mlp_ratio))
+        self.norm = RMSNorm(hidden_size_x)
+
+    def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        n, dx, r = x.shape[0], self.hidden_size_x, self.mlp_ratio
+        m1, m2 = self.param_generator1(s).chunk(2, dim=-1)
+        m1 = F.normalize(m1.reshape(n, dx, dx * r), dim=-2)
+        m2 = F.normalize(m2.reshape(n, dx * r, dx), dim=-2)
+        return x + torch.bmm(F.silu(torch.bmm(self.norm(x), m1)), m2)
+
+
+class PixelFinalLayer(nn.Module):
+    def __init__(self, hidden_size_x: int, out_channels: int):
+        super().__init__()
+        self.norm = RMSNorm(hidden_size_x)
+        self.linear = nn.Linear(hidden_size_x, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(x))
+
+
+class PixNerDiT(CoDDenoiser):
+    def __init__(self, in_channels: int = 3, patch_size: int = 16, hidden_size: int = 1152, num_groups: int = 16,
+                 num_blocks: int = 30, num_cond_blocks: int = 26, hidden_size_x: int = 64, nerf_mlpratio: int = 2,
+                 codebook_bits: int = 4, ds: int = 32, up2x: bool = True, encoder_width: int = 128):
+        super().__init__()
+        self.in_channels, self.patch_size, self.hidden_size = in_channels, patch_size, hidden_size
+        self.num_groups, self.num_blocks, self.num_cond_blocks = num_groups, num_blocks, num_cond_blocks
+        self.hidden_size_x = hidden_size_x
+        pix = in_channels * patch_size ** 2
+
+        self.y_embedder = ConditionCodec(hidden_size, ds=ds, bits=codebook_bits, up2x=up2x,
+                                         encoder_width=encoder_width)
+        self.x_embedder = NerfEmbedder(in_channels + hidden_size_x, hidden_size_x, patch_size)
+        self.s_embedder = PatchEmbed(pix + hidden_size, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder_x = nn.Linear(hidden_size, hidden_size_x * patch_size ** 2)
+        self.final_layer = PixelFinalLayer(hidden_size_x, in_channels)
+        self.blocks = nn.ModuleList(
+            [DiTBlock(hidden_size, num_groups) for _ in range(num_cond_blocks)]
+            + [NerfBlock(hidden_size, hidden_size_x, nerf_mlpratio) for _ in range(num_blocks - num_cond_blocks)]
+        )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                cond: torch.Tensor | None = None, return_codec_res: bool = False):
+        B, C, H, W = x.shape
+        p, p2 = self.patch_size, self.patch_size ** 2
+        st = self.condition_stream(x, t, y, cond)
+        L = st.patches.shape[1]
+
+        # Per-pixel stream: [pixel values, condition embedding] laid out channel-major per patch, then
+        # transposed to one row per pixel.
+        emb = self.y_embedder_x(st.cond_tokens.to(x.dtype))
+        px = torch.cat([st.patches, emb], dim=-1).reshape(B * L, C + self.hidden_size_x, p2).transpose(1, 2)
+        px = self.x_embedder(px)
+        s = st.s.reshape(B * L, self.hidden_size)
+        for block in self.blocks[self.num_cond_blocks:]:
+            px = block(px, s)
+        out = self.final_layer(px).transpose(1, 2).reshape(B, L, C * p2)
+        out = unpatchify(out, p, C, H, W)
+        if return_codec_res:
+            return out, st.cond, st.codec_res
+        return out, st.cond

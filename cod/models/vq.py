@@ -1,0 +1,48 @@
+"""Vector-quantisation bottleneck of the condition codec (spec §3.3)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-codeword quantiser with a straight-through estimator.
+
+    Kept bit-compatible with the release (checkpoints and bitstreams depend on the index decisions):
+    - distances use the expansion |z|^2 + |e|^2 - 2 z.e, argmin ties go to the lowest index;
+    - the straight-through value is z + sg(zq - z), which can differ from zq by one rounding step;
+    - the loss puts weight 1 on the encoder-moving term and beta on the codebook-moving term
+      (reversed relative to VQ-VAE; see docs/compat.md).
+    """
+
+    def __init__(self, num_codes: int, dim: int, beta: float = 0.25):
+        super().__init__()
+        self.num_codes = num_codes
+        self.dim = dim
+        self.beta = beta
+        self.embedding = nn.Embedding(num_codes, dim)
+
+    @property
+    def bits(self) -> int:
+        return (self.num_codes - 1).bit_length()
+
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        """Indices [B, h, w] of the nearest codewords for z [B, dim, h, w]."""
+        flat = z.permute(0, 2, 3, 1).reshape(-1, self.dim)
+        codebook = self.embedding.weight.to(flat.dtype)
+        dist = (flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1)[None]
+                - 2 * flat @ codebook.t())
+        return dist.argmin(dim=1).reshape(z.shape[0], z.shape[2], z.shape[3])
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Exact codebook rows for indices [B, h, w] -> [B, dim, h, w]."""
+        return self.embedding(indices).permute(0, 3, 1, 2).contiguous()
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (straight-through zq [B, dim, h, w], vq loss scalar, indices [B, h, w])."""
+        indices = self.nearest(z)
+        zq = self.lookup(indices).to(z.dtype)
+        loss = F.mse_loss(zq.detach(), z) + self.beta * F.mse_loss(zq, z.detach())
+        zq_st = z + (zq - z).detach()
+        return zq_st, loss, indices
