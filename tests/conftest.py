@@ -1,0 +1,50 @@
+"""Shared test helpers: the golden fixtures of the official implementation and the shared data folders.
+
+Fixtures live beside the project root in ../shared; they are read, never copied.
+"""
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("COD_SHARED", ROOT.parent / "shared"))
+FIXTURES = SHARED / "fixtures" / "cod-reference"
+KODAK = SHARED / "data" / "kodak"
+TRAIN256 = SHARED / "data" / "train256"
+VARIANTS = ("pixel_ds32_up2x", "pixel_ds32_stage1", "latent_ds32_up2x", "latent_ds128_up2x")
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} not available (expected ../shared beside the project root, or set COD_SHARED)")
+    return path
+
+
+@lru_cache(maxsize=None)
+def fixture_manifest(variant: str) -> dict:
+    return json.loads((require(FIXTURES) / f"{variant}.json").read_text())
+
+
+@lru_cache(maxsize=None)
+def fixture_tensors(variant: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(require(FIXTURES) / f"{variant}.safetensors"))
+
+
+def condition_from_u8(y_u8: torch.Tensor) -> torch.Tensor:
+    """The official model input for a uint8 image: bf16(u8 / 255) back in float32."""
+    return (y_u8.float() / 255).to(torch.bfloat16).float()
+
+
+def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max|a - b| / max(1, max|b|): the fixtures' suggested error measure."""
+    return ((actual.float() - expected.float()).abs().max() / max(1.0, expected.abs().max().item())).item()
