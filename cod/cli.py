@@ -98,11 +98,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help="list model presets and the rate table")
     p.set_defaults(func=_cmd_presets)
+
+    for register in _command_modules():
+        register(sub)
     return parser
+
+
+def _command_modules():
+    """Subcommands that live with their concept (codec product, training) register themselves here."""
+    from cod.codec import commands as codec_commands
+    from cod.training import commands as training_commands
+
+    return [codec_commands.register, training_commands.register]
+
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        from cod.training.commands import lightning_main
+
+        return lightning_main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -60,10 +60,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def build_config(preset: Preset, preset_name: str | None = None, latent_scale: float | None = None,
                  vae_file: str | None = None, sampling: dict | None = None, extra: dict | None = None) -> dict:
-    from cod.models.vae import SD_VAE_SCALING
-
     latent = None
     if preset.family == "latent":
+        from cod.models.vae import SD_VAE_SCALING
+
         latent = {"vae_preset": preset.vae_preset, "vae_file": vae_file,
                   "scale": SD_VAE_SCALING if latent_scale is None else latent_scale}
     return {
@@ -163,16 +163,20 @@ class CoDModel(torch.nn.Module):
         return torch.cat(noise).to(self.device)
 
     @torch.no_grad()
-    def decode(self, indices: torch.Tensor, height: int, width: int, seeds: int | list[int] = 0,
+    def sample(self, indices: torch.Tensor, height: int, width: int, seeds: int | list[int] = 0,
                **sampling) -> torch.Tensor:
-        """VQ indices [B, h, w] -> uint8 images [B, 3, H, W] (decompress path: exact codebook rows)."""
+        """VQ indices [B, h, w] -> model-space samples (decompress path: exact codebook rows)."""
         self.check_size(height, width)
         B = indices.shape[0]
         cond = self.codec.decode_indices(indices.to(self.device))
         uncond = self.unconditional_condition(height, width).expand(B, -1, -1, -1)
-        x = self.sampler(**sampling)(self.denoiser, self.initial_noise(B, height, width, seeds),
-                                     cond=torch.cat([uncond, cond]))
-        return self.to_uint8(x)
+        return self.sampler(**sampling)(self.denoiser, self.initial_noise(B, height, width, seeds),
+                                        cond=torch.cat([uncond, cond]))
+
+    def decode(self, indices: torch.Tensor, height: int, width: int, seeds: int | list[int] = 0,
+               **sampling) -> torch.Tensor:
+        """VQ indices [B, h, w] -> uint8 images [B, 3, H, W]."""
+        return self.to_uint8(self.sample(indices, height, width, seeds, **sampling))
 
     @torch.no_grad()
     def reconstruct(self, images01: torch.Tensor, seeds: int | list[int] = 0, **sampling) -> torch.Tensor:

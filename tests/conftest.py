@@ -19,7 +19,8 @@ KODAK = SHARED / "data" / "kodak"
 TRAIN256 = SHARED / "data" / "train256"
 VARIANTS = ("pixel_ds32_up2x", "pixel_ds32_stage1", "latent_ds32_up2x", "latent_ds128_up2x")
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist each worker gets one thread so that workers do not fight over the two cores.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
 def require(path: Path) -> Path:
