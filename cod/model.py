@@ -319,7 +319,6 @@ def new_model(preset_name: str, out_dir: str | os.PathLike | None = None, seed: 
               bits: int | None = None, up2x: bool | None = None) -> CoDModel:
     """A randomly initialised model of a preset (written to out_dir when given)."""
     from cod.models.presets import get_preset
-    from cod.models.vae import VAE_PRESETS, AutoencoderKL, LatentSpace
 
     preset = get_preset(preset_name, ds=ds, bits=bits, up2x=up2x)
     torch.manual_seed(seed)
@@ -330,6 +329,8 @@ def new_model(preset_name: str, out_dir: str | os.PathLike | None = None, seed: 
     config = build_config(preset, preset_name, vae_file=vae_file)
     denoiser = build_denoiser(config).eval()
     if preset.family == "latent" and vae_file:
+        from cod.models.vae import VAE_PRESETS, AutoencoderKL, LatentSpace
+
         latent = LatentSpace(AutoencoderKL(VAE_PRESETS[preset.vae_preset]), scale=config["latent"]["scale"])
     model = CoDModel(config, denoiser, latent)
     if out_dir is not None:

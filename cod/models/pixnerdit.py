@@ -30,17 +30,26 @@ def dct_position_features(patch_size: int, device=None) -> torch.Tensor:
 
 
 class NerfEmbedder(nn.Module):
-    """Per-pixel input layer: [3 pixel values, Dx condition channels, 64 DCT features] -> Dx."""
+    """Per-pixel input layer: Linear([pixel values, condition channels, 64 DCT features]) -> Dx.
+
+    The release concatenates the three inputs per pixel; we apply the weight's column blocks separately
+    (same function, float-rounding differences only), which saves materialising a [pixels, 3 + Dx + 64] tensor:
+    the DCT term is the same for every patch and is computed once per call.
+    """
 
     def __init__(self, in_features: int, hidden_size_x: int, patch_size: int):
         super().__init__()
         self.patch_size = patch_size
+        self.in_features = in_features
         self.embedder = nn.Sequential(nn.Linear(in_features + 64, hidden_size_x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, p*p, in_features] per-pixel features (pixel values first) -> [N, p*p, Dx]."""
+        linear = self.embedder[0]
+        w_in, w_dct = linear.weight[:, : self.in_features], linear.weight[:, self.in_features:]
         dct = dct_position_features(self.patch_size, x.device).to(x.dtype)
-        return self.embedder(torch.cat([x, dct.expand(x.shape[0], -1, -1)], dim=-1))
-
+        position = torch.addmm(linear.bias, dct, w_dct.t())  # [p*p, Dx]
+        return torch.matmul(x, w_in.t()) + position
 
 class NerfBlock(nn.Module):
     """X <- X + silu(RMSNorm(X) M1) M2 with per-patch M1, M2 generated from the patch's s vector and

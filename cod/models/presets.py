@@ -50,8 +50,8 @@ PRESETS: dict[str, Preset] = {
     "latent-b": Preset("latent", _latent(768, 12, 16, 12), "DDT-B/2, trainable on one GPU", vae_preset="sd-vae"),
     "pixel-s": Preset("pixel", _pixel(384, 6, 12, 10, hidden_x=32, width=64), "PixNerDiT-S/16"),
     "latent-s": Preset("latent", _latent(384, 6, 12, 10, width=64), "DDT-S/2", vae_preset="sd-vae"),
-    "tiny-pixel": Preset("pixel", _pixel(64, 4, 10, 8, hidden_x=16, width=32),
-                         "CPU test/demo size (the fixture layout with a narrow condition encoder)"),
+    "tiny-pixel": Preset("pixel", _pixel(64, 4, 10, 8, hidden_x=8, width=32),
+                         "CPU test/demo size (fixture depth; narrow condition encoder and per-pixel MLP)"),
     "tiny-latent": Preset("latent", _latent(64, 4, 10, 8, width=32), "CPU test/demo size with a tiny VAE",
                           vae_preset="tiny"),
 }
