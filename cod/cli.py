@@ -42,6 +42,16 @@ def _cmd_info(args) -> None:
     print(json.dumps(config, indent=2))
 
 
+def _cmd_export(args) -> None:
+    import cod
+    from cod.export import export
+
+    manifest = export(cod.load(args.model), args.out, fmt=args.format, height=args.height, width=args.width,
+                      batch=args.batch)
+    for name, graph in manifest["graphs"].items():
+        _say(args, f"{args.out}/{graph['file']}: {name}, max |error| vs PyTorch {graph['max_abs_err_vs_eager']:.2e}")
+
+
 def _cmd_presets(args) -> None:
     from cod.models.presets import PRESETS, rate_table
 
@@ -95,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print a model directory's config")
     p.add_argument("model")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("export", help="export encoder, decoder and denoiser step to TorchScript or ONNX")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("presets", help="list model presets and the rate table")
     p.set_defaults(func=_cmd_presets)

@@ -48,7 +48,7 @@ class DDT(CoDDenoiser):
         st = self.condition_stream(x, t, y, cond)
         h = self.x_embedder(torch.cat([st.patches, st.cond_tokens.to(x.dtype)], dim=-1))
         for block in self.blocks[self.num_cond_blocks:]:
-            h = block(h, st.s, st.freqs_cis)
+            h = block(h, st.s, st.rope)
         out = unpatchify(self.final_layer(h, st.s), self.patch_size, C, H, W)
         if return_codec_res:
             return out, st.cond, st.codec_res

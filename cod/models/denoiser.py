@@ -22,7 +22,7 @@ class ConditionStream:
     cond: torch.Tensor         # [B, D, Hp, Wp] condition map from the codec
     cond_tokens: torch.Tensor  # [B, L, D]
     s: torch.Tensor            # [B, L, D] = silu(temb + s-stream output)
-    freqs_cis: torch.Tensor    # [L, d/2] rotary table for the token grid
+    rope: torch.Tensor         # [L, d/2, 2] rotary (cos, sin) table for the token grid
     codec_res: dict | None
 
 
@@ -59,13 +59,13 @@ class CoDDenoiser(nn.Module):
         if cond.shape[-2:] != (hp, wp):
             raise ValueError(f"condition grid {tuple(cond.shape[-2:])} does not match the token grid {(hp, wp)}")
         cond_tokens = tokens_from_map(cond)
-        freqs_cis = rope_2d(hp, wp, self.hidden_size // self.num_groups, x.device)
+        rope = rope_2d(hp, wp, self.hidden_size // self.num_groups, x.device)
         s = self.s_embedder(torch.cat([patches, cond_tokens.to(patches.dtype)], dim=-1))
         c = F.silu(temb)
         for block in self.blocks[: self.num_cond_blocks]:
-            s = block(s, c, freqs_cis)
+            s = block(s, c, rope)
         s = F.silu(temb + s)
-        return ConditionStream(patches, temb, cond, cond_tokens, s, freqs_cis, codec_res)
+        return ConditionStream(patches, temb, cond, cond_tokens, s, rope, codec_res)
 
 
 class PatchEmbed(nn.Module):

@@ -88,24 +88,28 @@ def _rope_cached(height: int, width: int, head_dim: int, device: str, theta: flo
     ygrid, xgrid = torch.meshgrid(ypos, xpos, indexing="ij")
     x_angles = torch.outer(xgrid.flatten(), freqs)
     y_angles = torch.outer(ygrid.flatten(), freqs)
-    x_cis = torch.polar(torch.ones_like(x_angles), x_angles)
-    y_cis = torch.polar(torch.ones_like(y_angles), y_angles)
-    # Axis-interleaved layout: entry 2j rotates with x, entry 2j+1 with y.
-    return torch.stack([x_cis, y_cis], dim=-1).reshape(height * width, head_dim // 2).to(device)
+    # Axis-interleaved layout: rotation 2j turns with x, rotation 2j+1 with y.
+    angles = torch.stack([x_angles, y_angles], dim=-1).reshape(height * width, head_dim // 2)
+    return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1).to(device)
 
 
 def rope_2d(height: int, width: int, head_dim: int, device: torch.device | str = "cpu",
             theta: float = 10000.0, span: float = 16.0) -> torch.Tensor:
-    """Complex rotations [L, head_dim/2] for a height x width token grid (row-major tokens)."""
+    """Rotations [L, head_dim/2, 2] (cos, sin) for a height x width token grid (row-major tokens).
+
+    Kept real-valued (no complex tensors) so that the model exports to ONNX and TorchScript.
+    """
     if head_dim % 4:
         raise ValueError(f"2-D RoPE needs a head dim divisible by 4, got {head_dim}")
     return _rope_cached(height, width, head_dim, str(device), theta, span)
 
 
-def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, L, G, d] by freqs_cis [L, d/2] in float32 (pairs (2m, 2m+1) as complex numbers)."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    out = torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(3)
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, L, G, d] in float32: pairs (2m, 2m+1) as complex numbers times exp(i angle_m)."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    re, im = pairs[..., 0], pairs[..., 1]
+    cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]
+    out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(3)
     return out.type_as(x)
 
 
@@ -130,11 +134,11 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         B, L, D = x.shape
         q, k, v = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).unbind(2)
-        q = apply_rope(self.q_norm(q), freqs_cis)
-        k = apply_rope(self.k_norm(k), freqs_cis)
+        q = apply_rope(self.q_norm(q), rope)
+        k = apply_rope(self.k_norm(k), rope)
         out = attention(q, k, v)
         return self.proj(out.reshape(B, L, D))
 
@@ -153,9 +157,9 @@ class DiTBlock(nn.Module):
         self.mlp = SwiGLU(dim, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), freqs_cis)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
