@@ -176,7 +176,13 @@ class CoDModel(torch.nn.Module):
     def decode(self, indices: torch.Tensor, height: int, width: int, seeds: int | list[int] = 0,
                **sampling) -> torch.Tensor:
         """VQ indices [B, h, w] -> uint8 images [B, 3, H, W]."""
+        self._ensure_latent()  # fail before sampling, not after
         return self.to_uint8(self.sample(indices, height, width, seeds, **sampling))
+
+    def _ensure_latent(self) -> None:
+        """Latent models load their VAE on first use, so that indices and samples need no VAE weights."""
+        if self.family == "latent" and self.latent is None:
+            self.latent = _load_latent(self.path or Path("."), self.config["latent"], None).to(self.device)
 
     @torch.no_grad()
     def reconstruct(self, images01: torch.Tensor, seeds: int | list[int] = 0, **sampling) -> torch.Tensor:
@@ -192,8 +198,7 @@ class CoDModel(torch.nn.Module):
         """Model-space sample -> uint8 image: through the VAE for latent models, then the release's rounding
         (bf16 cast, (x + 1) * 127.5 + 0.5, clip, truncate)."""
         if self.family == "latent":
-            if self.latent is None:  # models built in memory load the VAE on first use
-                self.latent = _load_latent(self.path or Path("."), self.config["latent"], None).to(self.device)
+            self._ensure_latent()
             x = self.latent.to_image(x.float()) * 2 - 1
         x = x.to(torch.bfloat16).float()
         return torch.clamp((x + 1) * 127.5 + 0.5, 0, 255).to(torch.uint8)
@@ -297,8 +302,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", vae_path: 
     denoiser = build_denoiser(config)
     load_state_strict(denoiser, load_file(str(weights)), str(weights))
     latent = None
-    if config["family"] == "latent":
-        latent = _load_latent(path, config["latent"], vae_path)
+    lat = config.get("latent") or {}
+    if config["family"] == "latent" and (lat.get("vae_file") or vae_path or os.environ.get("COD_VAE_PATH")):
+        latent = _load_latent(path, lat, vae_path)  # otherwise loaded (or its absence explained) on first use
     model = CoDModel(config, denoiser.eval(), latent, path)
     model.fingerprint = config.get("fingerprint") or sha256_file(weights)
     return model.to(device)

@@ -96,3 +96,30 @@ def test_cli_usage_errors_exit_non_zero(capsys):
     assert e.value.code == 2
     assert main(["presets"]) == 0
     assert "tiny-pixel" in capsys.readouterr().out
+
+
+def test_tiny_latent_model_bundles_its_vae_and_decodes(tmp_path):
+    out = tmp_path / "latent"
+    assert main(["-q", "new-model", "--preset", "tiny-latent", "--out", str(out)]) == 0
+    assert (out / "vae.safetensors").is_file()
+    model = cod.load(out)
+    assert model.latent is not None and model.config["latent"]["scale"] == pytest.approx(0.18215)
+    images = torch.rand(1, 3, 64, 64)
+    idx = model.encode(images)
+    assert model.sample(idx, 64, 64, steps=2).shape == (1, 4, 8, 8)
+    decoded = model.decode(idx, 64, 64, steps=2)
+    assert decoded.shape == (1, 3, 64, 64) and decoded.dtype == torch.uint8
+
+
+def test_latent_model_without_vae_names_the_download(tmp_path, monkeypatch):
+    monkeypatch.delenv("COD_VAE_PATH", raising=False)
+    out = tmp_path / "latent"
+    cod.new_model("tiny-latent", out)
+    (out / "vae.safetensors").unlink()
+    config = json.loads((out / "config.json").read_text())
+    config["latent"]["vae_file"] = None
+    (out / "config.json").write_text(json.dumps(config))
+    model = cod.load(out)  # indices and samples need no VAE
+    idx = model.encode(torch.rand(1, 3, 64, 64))
+    with pytest.raises(FileNotFoundError, match="sd-vae-ft-ema"):
+        model.decode(idx, 64, 64, steps=2)
