@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cod.kernels import attention  # fused Triton kernel on CUDA, PyTorch reference elsewhere
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
@@ -116,12 +118,6 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 # Attention + adaLN transformer block
 # --------------------------------------------------------------------------------------------------------------
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax attention over [B, L, G, d] tensors; the fused Triton kernel is used where it is available."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
-
-
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
