@@ -52,6 +52,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -193,6 +196,19 @@ class CoDModel(torch.nn.Module):
         y_uncond = self.condition_image(-torch.ones_like(y))
         x = self.sampler(**sampling)(self.denoiser, self.initial_noise(B, H, W, seeds), y=y, y_uncond=y_uncond)
         return self.to_uint8(x)
+
+    def compress(self, images, **options) -> list[bytes]:
+        """RGB images (HxWx3 uint8 arrays, PIL images or [3,H,W] tensors), any size -> .cod bytes each.
+        options: fmt ("cod" | "official"), sampler, steps, cfg, seed (stored in the file when not default)."""
+        from cod.codec import api
+
+        return api.compress(self, images, **options)
+
+    def decompress(self, data: bytes, **options):
+        """.cod bytes -> HxWx3 uint8 numpy image at the original size. options: fmt, sampler, steps, cfg, seed."""
+        from cod.codec import api
+
+        return api.decompress(self, data, **options)
 
     def to_uint8(self, x: torch.Tensor) -> torch.Tensor:
         """Model-space sample -> uint8 image: through the VAE for latent models, then the release's rounding

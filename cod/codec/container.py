@@ -1,0 +1,172 @@
+"""The `.cod` container, version 1 (specified byte by byte in docs/bitstream.md).
+
+A 64-bit image payload makes every header byte count, so the header is a bit string:
+
+    version (3 bits) | payload mode (1) | has decode parameters (1) | n - 1 (4) | H - 1 (n) | W - 1 (n) |
+    model tag (8) | zero padding to a byte boundary
+    then: check byte, [decode parameters], payload
+
+n is the bit width of the larger of H - 1 and W - 1 (sides 1..65536), so ordinary sizes (sides up to 2048)
+take 5 header bytes + 1 check byte = 6. The model tag is the first byte of the model's sha256 fingerprint (a
+quick "wrong model" answer); the check byte is the low byte of CRC-32 over the *full* fingerprint, the header,
+the parameters and the payload, so corruption and a wrong model are both caught.
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+FORMAT_VERSION = 1
+PAYLOAD_FIXED = 0      # fixed-length indices (cod.codec.bitpack)
+PAYLOAD_ENTROPY = 1    # reserved for the entropy-coded mode
+MAX_SIDE = 1 << 16
+# Decode-parameter sampler ids: append only, never renumber (files store these numbers).
+SAMPLER_IDS = ("adam2", "adam1", "adam3", "adam4", "euler", "euler_sde", "euler_sde_mean", "euler_sde_preserve")
+
+
+class BitstreamError(ValueError):
+    """A .cod file that cannot be decoded (malformed, corrupted, truncated, or written by another model)."""
+
+
+@dataclass(frozen=True)
+class DecodeParams:
+    """Sampling choices stored in a file when they differ from the model's documented defaults."""
+
+    sampler: str = "adam2"
+    steps: int = 25
+    cfg: float = 3.0
+    seed: int = 0
+
+    def encode(self) -> bytes:
+        if self.sampler not in SAMPLER_IDS:
+            raise ValueError(f"sampler '{self.sampler}' cannot be stored in a .cod file")
+        if not 1 <= self.steps <= 256:
+            raise ValueError(f"steps must be 1-256 to be stored in a .cod file, got {self.steps}")
+        if not 0 <= self.seed < 1 << 32:
+            raise ValueError(f"seed must be in [0, 2^32), got {self.seed}")
+        return bytes([SAMPLER_IDS.index(self.sampler), self.steps - 1]) + struct.pack("<e", self.cfg) + \
+            _varint(self.seed)
+
+
+@dataclass(frozen=True)
+class Header:
+    height: int
+    width: int
+    model_tag: int
+    payload_mode: int = PAYLOAD_FIXED
+    params: DecodeParams | None = None
+
+
+def model_tag(fingerprint: str) -> int:
+    return bytes.fromhex(fingerprint)[0]
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _read_varint(data: bytes, pos: int, max_bytes: int = 5) -> tuple[int, int]:
+    value = 0
+    for i in range(max_bytes):
+        if pos + i >= len(data):
+            raise BitstreamError("file ends inside the decode parameters (truncated)")
+        byte = data[pos + i]
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            return value, pos + i + 1
+    raise BitstreamError("malformed seed in the decode parameters")
+
+
+def _check_byte(fingerprint: str, body: bytes) -> int:
+    return zlib.crc32(bytes.fromhex(fingerprint) + body) & 0xFF
+
+
+def _header_bits(h: Header) -> bytes:
+    if not (1 <= h.height <= MAX_SIDE and 1 <= h.width <= MAX_SIDE):
+        raise ValueError(f"image size {h.height}x{h.width} is outside 1..{MAX_SIDE}")
+    n = max((h.height - 1).bit_length(), (h.width - 1).bit_length(), 1)
+    fields = [(FORMAT_VERSION, 3), (h.payload_mode, 1), (h.params is not None, 1), (n - 1, 4),
+              (h.height - 1, n), (h.width - 1, n), (h.model_tag, 8)]
+    value, nbits = 0, 0
+    for field, width in fields:
+        value = (value << width) | int(field)
+        nbits += width
+    pad = -nbits % 8
+    return (value << pad).to_bytes((nbits + pad) // 8, "big")
+
+
+def write(header: Header, payload: bytes, fingerprint: str) -> bytes:
+    head = _header_bits(header)
+    params = header.params.encode() if header.params is not None else b""
+    body_after_check = params + bytes(payload)
+    check = _check_byte(fingerprint, head + body_after_check)
+    return head + bytes([check]) + body_after_check
+
+
+def read_header(data: bytes) -> tuple[Header, int]:
+    """Parse the header (no integrity check yet) -> (header, offset of the check byte)."""
+    data = bytes(data)
+    if len(data) < 2:
+        raise BitstreamError(f"a .cod file has at least 2 bytes; got {len(data)}")
+    version = data[0] >> 5
+    if version != FORMAT_VERSION:
+        raise BitstreamError(f"unsupported .cod format version {version} (this cod reads version "
+                             f"{FORMAT_VERSION}); is this an official-format file? try --format official")
+    mode = (data[0] >> 4) & 1
+    has_params = (data[0] >> 3) & 1
+    n = ((data[0] & 0x7) << 1 | data[1] >> 7) + 1
+    nbits = 9 + 2 * n + 8
+    head_len = (nbits + 7) // 8
+    if len(data) < head_len + 1:
+        raise BitstreamError("file ends inside the header (truncated)")
+    value = int.from_bytes(data[:head_len], "big") >> (head_len * 8 - nbits)
+    tag = value & 0xFF
+    width = ((value >> 8) & ((1 << n) - 1)) + 1
+    height = ((value >> (8 + n)) & ((1 << n) - 1)) + 1
+    if int.from_bytes(data[:head_len], "big") & ((1 << (head_len * 8 - nbits)) - 1):
+        raise BitstreamError("non-zero padding bits in the header (corrupted file)")
+    if mode != PAYLOAD_FIXED:
+        raise BitstreamError("this file uses the entropy-coded payload mode, which this cod cannot decode yet")
+    params = None
+    pos = head_len + 1
+    if has_params:
+        if len(data) < pos + 5:
+            raise BitstreamError("file ends inside the decode parameters (truncated)")
+        sampler_id, steps_m1 = data[pos], data[pos + 1]
+        if sampler_id >= len(SAMPLER_IDS):
+            raise BitstreamError(f"unknown sampler id {sampler_id} in the decode parameters")
+        (cfg,) = struct.unpack("<e", data[pos + 2:pos + 4])
+        if cfg != cfg or abs(cfg) == float("inf"):
+            raise BitstreamError("invalid guidance scale in the decode parameters")
+        seed, pos = _read_varint(data, pos + 4)
+        params = DecodeParams(SAMPLER_IDS[sampler_id], steps_m1 + 1, float(cfg), seed)
+    return Header(height, width, tag, mode, params), head_len
+
+
+def read(data: bytes, fingerprint: str, payload_size) -> tuple[Header, bytes]:
+    """Parse and verify a file written for the model with `fingerprint`.
+
+    payload_size(height, width) -> the exact payload length that model writes for that size.
+    """
+    data = bytes(data)
+    header, check_pos = read_header(data)
+    if header.model_tag != model_tag(fingerprint):
+        raise BitstreamError(f"this file was written by another model (tag {header.model_tag:02x}, this model's "
+                             f"is {model_tag(fingerprint):02x}): decode it with the model that compressed it")
+    start = check_pos + 1 + (len(header.params.encode()) if header.params else 0)
+    need = payload_size(header.height, header.width)
+    if len(data) - start < need:
+        raise BitstreamError(f"file is truncated: payload has {max(0, len(data) - start)} of {need} bytes")
+    if len(data) - start > need:
+        raise BitstreamError(f"file has {len(data) - start - need} unexpected trailing bytes")
+    if _check_byte(fingerprint, data[:check_pos] + data[check_pos + 1:]) != data[check_pos]:
+        raise BitstreamError("integrity check failed: the file is corrupted (or was written by another model "
+                             "whose tag happens to match)")
+    return header, data[start:]
