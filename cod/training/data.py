@@ -1,0 +1,217 @@
+"""Training data: local image folders, Hugging Face `datasets` (imagefolder, parquet, streaming) and tar shards,
+with the paper's crop policy. Unreadable images are skipped and counted, never a crash.
+
+Sources (the `train` / `val` strings of ImageDataModule):
+  /path/to/folder                      every image below it (recursive)
+  hf:imagefolder:/path/to/folder       Hugging Face imagefolder; hf:parquet:/path/*.parquet; hf:NAME (local cache)
+  hf-stream:...                        the same, streamed (an IterableDataset, sharded by rank and worker)
+  tar:/path/shard-{000..009}.tar       webdataset-style tar shards (image members), sharded by rank and worker
+"""
+from __future__ import annotations
+
+import glob
+import io
+import random
+import re
+import tarfile
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from cod.codec.images import IMAGE_SUFFIXES, to_rgb8
+
+
+class SkipCounter:
+    """Counts unreadable images (per process) so that the module can log them."""
+
+    skipped = 0
+
+    @classmethod
+    def note(cls, name: str, error: Exception) -> None:
+        cls.skipped += 1
+        if cls.skipped <= 10:
+            warnings.warn(f"skipping unreadable image {name}: {error}", stacklevel=3)
+
+
+def crop(image: np.ndarray, size: int, train: bool, rng: random.Random) -> torch.Tensor | None:
+    """The paper's policy: resize the short side up to `size` only when smaller (bicubic), then a random crop
+    for training or a centre crop for validation. -> [3, size, size] in [0, 1]."""
+    h, w = image.shape[:2]
+    if min(h, w) < size:
+        scale = size / min(h, w)
+        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BICUBIC))
+        h, w = nh, nw
+    top = rng.randint(0, h - size) if train else (h - size) // 2
+    left = rng.randint(0, w - size) if train else (w - size) // 2
+    patch = image[top:top + size, left:left + size]
+    return torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1).float().div(255)
+
+
+def decode_bytes(data: bytes, name: str) -> np.ndarray | None:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return to_rgb8(img, name)
+    except Exception as e:  # noqa: BLE001 - any undecodable image is skipped, whatever the decoder raised
+        SkipCounter.note(name, e)
+        return None
+
+
+class FolderDataset(Dataset):
+    def __init__(self, root: str, size: int, train: bool = True, seed: int = 0):
+        root_path = Path(root).expanduser()
+        if not root_path.is_dir():
+            raise FileNotFoundError(f"training data folder {root} does not exist (set data.train in the config)")
+        self.files = sorted(p for p in root_path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise ValueError(f"{root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        self.size, self.train, self.seed = size, train, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        # Crops are a function of (seed, epoch, index): reproducible, and resumable mid-run.
+        rng = random.Random(hash((self.seed, self.epoch, i)) if self.train else i)
+        image = decode_bytes(self.files[i].read_bytes(), str(self.files[i]))
+        return None if image is None else crop(image, self.size, self.train, rng)
+
+
+class HFDataset(Dataset):
+    def __init__(self, spec: str, size: int, train: bool = True, split: str = "train", seed: int = 0):
+        import datasets
+
+        builder, _, path = spec.partition(":")
+        if builder in ("imagefolder", "parquet"):
+            files = {"data_dir": path} if builder == "imagefolder" else {"data_files": sorted(glob.glob(path))}
+            self.ds = datasets.load_dataset(builder, split=split, **files)
+        else:
+            self.ds = datasets.load_dataset(spec, split=split)
+        self.key = next((k for k, f in self.ds.features.items() if isinstance(f, datasets.Image)), "image")
+        self.ds = self.ds.cast_column(self.key, datasets.Image(decode=False))
+        self.size, self.train, self.seed, self.epoch = size, train, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        item = self.ds[i][self.key]
+        data = item["bytes"] if item.get("bytes") else Path(item["path"]).read_bytes()
+        image = decode_bytes(data, f"{self.key}[{i}]")
+        rng = random.Random(hash((self.seed, self.epoch, i)) if self.train else i)
+        return None if image is None else crop(image, self.size, self.train, rng)
+
+
+def _shard(items: list, rank: int, world: int) -> list:
+    """Deterministic split across (rank, dataloader worker): every item exactly once per pass."""
+    info = get_worker_info()
+    workers, wid = (info.num_workers, info.id) if info else (1, 0)
+    return items[rank * workers + wid:: world * workers]
+
+
+def expand_braces(pattern: str) -> list[str]:
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not m:
+        return sorted(glob.glob(pattern)) or [pattern]
+    lo, hi, width = int(m[1]), int(m[2]), len(m[1])
+    return [pattern[: m.start()] + str(i).zfill(width) + pattern[m.end():] for i in range(lo, hi + 1)]
+
+
+class TarShards(IterableDataset):
+    def __init__(self, pattern: str, size: int, train: bool = True, seed: int = 0, rank: int = 0, world: int = 1):
+        self.shards = expand_braces(pattern)
+        missing = [s for s in self.shards if not Path(s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"tar shard(s) not found: {missing[:3]}")
+        self.size, self.train, self.seed, self.rank, self.world, self.epoch = size, train, seed, rank, world, 0
+
+    def __iter__(self):
+        rng = random.Random(hash((self.seed, self.epoch, self.rank)))
+        shards = list(self.shards)
+        if self.train:
+            rng.shuffle(shards)
+        for shard in _shard(shards, self.rank, self.world):
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    if member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES:
+                        image = decode_bytes(tar.extractfile(member).read(), f"{shard}:{member.name}")
+                        if image is not None:
+                            yield crop(image, self.size, self.train, rng)
+
+
+class HFStream(IterableDataset):
+    def __init__(self, spec: str, size: int, train: bool = True, seed: int = 0, rank: int = 0, world: int = 1):
+        self.spec, self.size, self.train, self.seed, self.rank, self.world = spec, size, train, seed, rank, world
+
+    def __iter__(self):
+        import datasets
+
+        builder, _, path = self.spec.partition(":")
+        kwargs = {"data_dir": path} if builder == "imagefolder" else (
+            {"data_files": sorted(glob.glob(path))} if builder == "parquet" else {})
+        ds = datasets.load_dataset(builder if kwargs else self.spec, split="train", streaming=True, **kwargs)
+        rng = random.Random(hash((self.seed, self.rank)))
+        info = get_worker_info()
+        workers, wid = (info.num_workers, info.id) if info else (1, 0)
+        for i, item in enumerate(ds):
+            if i % (self.world * workers) != self.rank * workers + wid:
+                continue
+            value = next((v for v in item.values() if isinstance(v, Image.Image)), None)
+            if value is None:
+                continue
+            yield crop(to_rgb8(value), self.size, self.train, rng)
+
+
+def build_dataset(source: str, size: int, train: bool, seed: int = 0, rank: int = 0, world: int = 1):
+    if source.startswith("hf-stream:"):
+        return HFStream(source[len("hf-stream:"):], size, train, seed, rank, world)
+    if source.startswith("hf:"):
+        return HFDataset(source[3:], size, train, seed=seed)
+    if source.startswith("tar:"):
+        return TarShards(source[4:], size, train, seed, rank, world)
+    return FolderDataset(source, size, train, seed)
+
+
+def collate_skipping(batch: list) -> torch.Tensor:
+    kept = [b for b in batch if b is not None]
+    if not kept:
+        return torch.empty(0)
+    return torch.stack(kept)
+
+
+class ImageDataModule(L.LightningDataModule):
+    def __init__(self, train: str = "../shared/data/train256", val: str | None = None, size: int = 256,
+                 batch_size: int = 8, val_batch_size: int | None = None, num_workers: int = 0, seed: int = 0,
+                 val_images: int = 8):
+        super().__init__()
+        self.save_hyperparameters()
+
+    def setup(self, stage: str | None = None) -> None:
+        rank = self.trainer.global_rank if self.trainer else 0
+        world = self.trainer.world_size if self.trainer else 1
+        h = self.hparams
+        self.train_set = build_dataset(h.train, h.size, True, h.seed, rank, world)
+        val = build_dataset(h.val or h.train, h.size, False, h.seed, rank, world)
+        if isinstance(val, Dataset) and not isinstance(val, IterableDataset):
+            val = torch.utils.data.Subset(val, range(min(h.val_images, len(val))))
+        self.val_set = val
+
+    def train_dataloader(self):
+        iterable = isinstance(self.train_set, IterableDataset)
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=not iterable,
+                          num_workers=self.hparams.num_workers, collate_fn=collate_skipping, drop_last=True,
+                          generator=torch.Generator().manual_seed(self.hparams.seed),
+                          persistent_workers=self.hparams.num_workers > 0)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=self.hparams.val_batch_size or self.hparams.batch_size,
+                          num_workers=0, collate_fn=collate_skipping)

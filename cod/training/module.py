@@ -1,0 +1,176 @@
+"""The LightningModule that trains CoD (spec §1, §7.3): denoiser + objective + EMA + optimiser.
+
+The denoiser keeps the release's single-module state-dict layout (so official checkpoints fine-tune and our
+checkpoints export to model directories unchanged); the three stages of the codec are exposed as parts:
+`condition_encoder` (image -> latent), `entropy_bottleneck` (VQ: latent -> indices, the rate) and
+`diffusion_decoder` (codec decoder + denoiser, driven by a sampler at validation).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from cod.diffusion.losses import CoDObjective
+from cod.model import CoDModel, build_config, build_denoiser, load, load_state_strict
+from cod.models.presets import get_preset
+from cod.training.repa import build_repa_teacher
+
+RECON_DIM = {"pixel": (3, 16, 16), "latent": (4, 2, 2)}
+
+
+class CoDTrainingModule(L.LightningModule):
+    def __init__(self, preset: str = "tiny-pixel", ds: int | None = None, bits: int | None = None,
+                 up2x: bool | None = None, init_from: str | None = None, lr: float = 1e-4,
+                 weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0,
+                 ema_decay: float = 0.9999, one_step_mse_weight: float = 0.0, null_condition_p: float = 0.1,
+                 align_layer: int = 8, codec_loss_masking: str = "correct", repa: dict | None = None,
+                 vae_path: str | None = None, val_sampling_steps: int = 10, export_dir: str | None = None,
+                 seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        spec = get_preset(preset, ds=ds, bits=bits, up2x=up2x)
+        self.family = spec.family
+        self.model_config = build_config(spec, preset)
+        with torch.random.fork_rng():  # seeded initialisation without touching the caller's RNG state
+            torch.manual_seed(seed)
+            self.denoiser = build_denoiser(self.model_config)
+        self.latent = None
+        if self.family == "latent":
+            from cod.models.vae import VAE_PRESETS, AutoencoderKL, LatentSpace, load_vae
+
+            vae = load_vae(vae_path) if spec.vae_preset == "sd-vae" else \
+                AutoencoderKL(VAE_PRESETS[spec.vae_preset])
+            self.latent = LatentSpace(vae, self.model_config["latent"]["scale"])
+        if init_from:
+            self._init_from(init_from)
+        align = min(align_layer, self.denoiser.num_cond_blocks)
+        self.teacher = build_repa_teacher(repa)
+        self.objective = CoDObjective(
+            spec.denoiser["hidden_size"], RECON_DIM[self.family], proj_encoder_dim=self.teacher.dim,
+            align_layer=align, feat_loss_weight=0.5 if self.teacher.enabled else 0.0,
+            null_condition_p=null_condition_p, one_step_mse_weight=one_step_mse_weight,
+            codec_loss_masking=codec_loss_masking)
+        self.ema = AveragedModel(self.denoiser, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+        self.ema.requires_grad_(False)
+        self._step_started = None
+
+    # ---- the codec's parts ------------------------------------------------------------------------------
+    @property
+    def condition_encoder(self):
+        return self.denoiser.y_embedder.encoder
+
+    @property
+    def entropy_bottleneck(self):
+        return self.denoiser.y_embedder.bottleneck
+
+    @property
+    def diffusion_decoder(self):
+        return self.denoiser  # codec decoder (y_embedder.decoder) + transformer; sampled at validation
+
+    def _init_from(self, source: str) -> None:
+        """Stage chaining: start from a model directory's (EMA) weights or a Lightning checkpoint's EMA."""
+        path = Path(source)
+        if path.is_dir():
+            state = load(path).denoiser.state_dict()
+        elif path.is_file():
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            sd = ckpt.get("state_dict", ckpt)
+            state = {k[len("ema.module."):]: v for k, v in sd.items() if k.startswith("ema.module.")}
+        else:
+            raise FileNotFoundError(f"init_from: {source} is neither a model directory nor a checkpoint file")
+        # up2x off -> on (stage 1 -> 2) adds the decoder's `ada` upsampler: the one place keys may be missing.
+        own = self.denoiser.state_dict()
+        fresh = {k: v for k, v in own.items() if k not in state and ".decoder.ada." in k}
+        load_state_strict(self.denoiser, {**state, **fresh}, f"init_from {source}")
+
+    # ---- data -> model space -----------------------------------------------------------------------------
+    def _model_space(self, images01: torch.Tensor) -> torch.Tensor:
+        if self.latent is not None:
+            return self.latent.to_latent(images01)
+        return (images01 - 0.5) / 0.5
+
+    def _losses(self, images01: torch.Tensor) -> dict:
+        x = self._model_space(images01)
+        y = CoDModel.condition_image(images01)
+        target = self.teacher(images01, tokens=(images01.shape[-2] // 16) * (images01.shape[-1] // 16))
+        return self.objective(self.denoiser, x, y, -torch.ones_like(y), target)
+
+    # ---- Lightning hooks -----------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        if batch.numel() == 0:  # every image of the batch was unreadable (skipped and counted by the data)
+            return None
+        losses = self._losses(batch)
+        B = batch.shape[0]
+        self.log_dict({f"train/{k}": v.detach() if torch.is_tensor(v) else v for k, v in losses.items()},
+                      prog_bar=False, batch_size=B, sync_dist=False)
+        self.log("train/loss_bar", losses["loss"].detach(), prog_bar=True, logger=False, batch_size=B)
+        if self._step_started is not None:
+            dt = time.perf_counter() - self._step_started
+            self.log("train/images_per_s", B / max(dt, 1e-9), batch_size=B)
+        self._step_started = time.perf_counter()
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=B)
+        return losses["loss"]
+
+    def on_before_optimizer_step(self, optimizer):
+        norms = [p.grad.detach().norm() for p in self.parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.stack(norms).norm())
+
+    def on_before_zero_grad(self, optimizer):
+        # runs once per optimizer step (after it), also under gradient accumulation
+        self.ema.update_parameters(self.denoiser)
+
+    def validation_step(self, batch, batch_idx):
+        losses = self._losses(batch)
+        self.log("val/loss", losses["loss"], batch_size=batch.shape[0], sync_dist=True)
+        if batch_idx == 0:
+            recon = self.reconstruct(batch[:4])
+            mse = F.mse_loss(recon, batch[:4]).clamp_min(1e-10)
+            self.log("val/psnr", 10 * torch.log10(1 / mse), batch_size=min(4, batch.shape[0]), sync_dist=True)
+            tb = getattr(self.logger, "experiment", None)
+            if tb is not None and hasattr(tb, "add_images"):
+                tb.add_images("val/original_vs_reconstruction", torch.cat([batch[:4], recon]), self.global_step)
+
+    @torch.no_grad()
+    def reconstruct(self, images01: torch.Tensor) -> torch.Tensor:
+        """Compress + decompress with the EMA weights (fixed-length indices, the model's sampler)."""
+        model = self.export_model()
+        idx = model.encode(images01)
+        out = model.decode(idx, *images01.shape[-2:], steps=self.hparams.val_sampling_steps)
+        return out.float().div(255).to(images01.device)
+
+    def export_model(self) -> CoDModel:
+        model = CoDModel(self.model_config, self.ema.module.eval(), self.latent)
+        model._uncond_cache.clear()
+        return model
+
+    def save_model_dir(self, out_dir: str | Path) -> Path:
+        card = {"provenance": f"trained by cod (preset {self.hparams.preset}), step {self.global_step}"}
+        return self.export_model().save(out_dir, card=card, objective_state=self.objective.state_dict())
+
+    def on_train_end(self):
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            self.save_model_dir(self.hparams.export_dir)
+
+    def configure_optimizers(self):
+        params = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith(("ema.", "teacher."))]
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+                                betas=tuple(self.hparams.betas))
+        warmup = max(0, self.hparams.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def state_dict(self, *args, **kwargs):
+        # the frozen REPA teacher is rebuilt from its file; keeping it out makes checkpoints 330 MB smaller
+        sd = super().state_dict(*args, **kwargs)
+        return {k: v for k, v in sd.items() if not k.startswith("teacher.")}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        own_teacher = {k: v for k, v in super().state_dict().items() if k.startswith("teacher.")}
+        return super().load_state_dict({**state_dict, **own_teacher}, strict=strict, assign=assign)
+

@@ -1,0 +1,131 @@
+"""The training pipeline: the tiny config trains on ../shared/data/train256 and its loss falls, every YAML in
+conf/ composes and instantiates, unreadable images are skipped, stage chaining and model export work."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cod
+from cod.cli import main
+from cod.training.commands import expand_configs
+from cod.training.data import FolderDataset, ImageDataModule, SkipCounter, collate_skipping, crop
+from cod.training.module import CoDTrainingModule
+from conftest import ROOT, TRAIN256, require
+
+CONF = ROOT / "conf"
+
+
+class LossRecorder(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_tiny_model_learns_on_train256(tmp_path):
+    require(TRAIN256)
+    L.seed_everything(0, verbose=False)
+    module = CoDTrainingModule("tiny-pixel", lr=1e-3, warmup_steps=5, ema_decay=0.9, val_sampling_steps=2,
+                               export_dir=str(tmp_path / "model"))
+    data = ImageDataModule(str(TRAIN256), size=32, batch_size=8, val_images=4)
+    recorder = LossRecorder()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=50, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder],
+                        limit_val_batches=1, val_check_interval=50, num_sanity_val_steps=0)
+    trainer.fit(module, data)
+    first, last = np.mean(recorder.losses[:10]), np.mean(recorder.losses[-10:])
+    assert last < 0.8 * first, (first, last)
+    assert "val/psnr" in trainer.callback_metrics
+    model = cod.load(tmp_path / "model")  # exported EMA weights, usable by cod compress
+    ema = dict(module.ema.module.named_parameters())
+    assert all(torch.equal(p, ema[k]) for k, p in model.denoiser.named_parameters())
+    assert model.decode(model.encode(torch.rand(1, 3, 32, 32)), 32, 32, steps=2).shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("config", sorted(str(p.relative_to(CONF)) for p in CONF.rglob("*.yaml")))
+def test_every_config_composes_and_parses(config):
+    from lightning.pytorch.cli import LightningCLI
+
+    from cod.models.presets import PRESETS
+    from cod.training.data import ImageDataModule as DM
+
+    class ParseOnly(LightningCLI):  # parse and type-check the composed config; build nothing (XL, DINOv2)
+        def instantiate_classes(self):
+            pass
+
+    args = expand_configs(["--config", str(CONF / "base.yaml"), "--config", str(CONF / config)])
+    cli = ParseOnly(CoDTrainingModule, DM, args=args, run=False)
+    model = cli.config["model"]
+    assert model["preset"] in PRESETS
+    if config == "stages/stage3.yaml":
+        assert model["one_step_mse_weight"] == 1.0 and model["up2x"] is True and model["lr"] == 2e-5
+    if config == "pixel.yaml":
+        assert model["preset"] == "pixel-xl" and model["up2x"] is False and cli.config["data"]["size"] == 256
+
+
+def test_xl_config_instantiates_on_the_meta_device():
+    from cod.model import build_config, build_denoiser
+    from cod.models.presets import get_preset
+
+    with torch.device("meta"):
+        net = build_denoiser(build_config(get_preset("pixel-xl", up2x=False), "pixel-xl"))
+    assert net.y_embedder.stride == 16 and net.y_embedder.decoder.ada is None
+
+
+def test_tiny_config_runs_through_the_cli(tmp_path, monkeypatch):
+    require(TRAIN256)
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", str(CONF / "tiny.yaml"), "--trainer.max_steps", "2",
+                 "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false"]) == 0
+    assert (tmp_path / "runs" / "tiny" / "model" / "model.safetensors").is_file()
+
+
+def test_bad_configs_give_one_clear_error(tmp_path, capsys):
+    assert main(["fit", "--config", str(tmp_path / "missing.yaml")]) == 1
+    assert "not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"extends: {CONF / 'tiny.yaml'}\ndata:\n  train: {tmp_path / 'no-such-folder'}\n")
+    assert main(["fit", "--config", str(bad), "--trainer.max_steps", "1"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / f"ok{i}.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    before = SkipCounter.skipped
+    ds = FolderDataset(str(tmp_path), size=32)
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        items = [ds[i] for i in range(len(ds))]
+    assert len(items) == 5 and sum(x is None for x in items) == 2
+    assert SkipCounter.skipped - before == 2
+    batch = collate_skipping(items)
+    assert batch.shape == (3, 3, 32, 32)
+
+
+def test_crop_policy_upsizes_small_images_and_centres_validation():
+    import random
+
+    small = np.zeros((20, 40, 3), np.uint8)
+    assert crop(small, 32, True, random.Random(0)).shape == (3, 32, 32)
+    image = np.arange(10 * 10 * 3, dtype=np.uint8).reshape(10, 10, 3)
+    centre = crop(image, 4, False, random.Random(0))
+    assert torch.equal(centre, torch.from_numpy(image[3:7, 3:7]).permute(2, 0, 1).float() / 255)
+
+
+def test_stage_chaining_from_a_model_directory(tmp_path):
+    stage1 = CoDTrainingModule("tiny-pixel", up2x=False)
+    stage1.save_model_dir(tmp_path / "stage1")
+    stage2 = CoDTrainingModule("tiny-pixel", up2x=True, init_from=str(tmp_path / "stage1"))
+    s1 = stage1.ema.module.state_dict()
+    s2 = stage2.denoiser.state_dict()
+    assert all(torch.equal(v, s2[k]) for k, v in s1.items())
+    assert any(".decoder.ada." in k for k in s2) and not any(".decoder.ada." in k for k in s1)
