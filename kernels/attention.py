@@ -3,6 +3,9 @@
 Layout [B, L, G, d] (batch, tokens, heads, head dim): the layout CoD's blocks produce, read through strides
 without transposes or copies. The head dim is padded to the next power of two inside the kernel with masked
 loads, so d = 72 (the released models) needs no padded copy of the inputs. Non-causal, no mask.
+
+Under TRITON_INTERPRET=1 the kernel runs on CPU tensors (this is how it is tested without a GPU), but Triton's
+interpreter cannot do bfloat16 dots (triton-lang/triton#11584), so bf16 is checked on GPUs only.
 """
 from __future__ import annotations
 
@@ -17,6 +20,12 @@ try:
 except ImportError:  # macOS, CPU-only wheels: the reference path still works
     triton = None
 
+# Triton decides when the kernel below is decorated, i.e. when this module is imported, whether it is compiled for
+# a GPU or run by the NumPy interpreter; only the latter accepts CPU tensors.
+INTERPRETED = triton is not None and bool(triton.knobs.runtime.interpret)
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LOG2E = 1.4426950408889634
+
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v per head, [B, L, G, d] in and out."""
@@ -27,19 +36,20 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
 if triton is not None:
 
     @triton.jit
-    def _flash_forward(Q, K, V, O, L, G, scale,
+    def _flash_forward(Q, K, V, O, L, G, scale_log2,
                        sqb, sql, sqg, skb, skl, skg, svb, svl, svg, sob, sol, sog,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr):
         pid_m = tl.program_id(0)
         bg = tl.program_id(1)
-        b = bg // G
+        b = (bg // G).to(tl.int64)  # batch offsets pass 2**31 elements for large batches at L = 4096
         g = bg % G
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < HEAD_DIM
         q = tl.load(Q + b * sqb + g * sqg + offs_m[:, None] * sql + offs_d[None, :],
                     mask=(offs_m[:, None] < L) & d_mask[None, :], other=0.0)
+        # Softmax in base 2 with log2(e) folded into the scale, so each score costs one exp2 and no extra multiply.
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -52,10 +62,11 @@ if triton is not None:
                 qk = tl.dot(q, k, input_precision="ieee")
             else:
                 qk = tl.dot(q, k)
-            qk = tl.where(n_mask[None, :], qk * scale, float("-inf"))
+            # Keys past the end get exp2(-inf) = 0. Every tile holds at least one real key, so m_new is finite.
+            qk = tl.where(n_mask[None, :], qk * scale_log2, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.exp(qk - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
+            p = tl.math.exp2(qk - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(V + b * svb + g * svg + offs_n[:, None] * svl + offs_d[None, :],
                         mask=n_mask[:, None] & d_mask[None, :], other=0.0)
@@ -69,17 +80,35 @@ if triton is not None:
                  mask=(offs_m[:, None] < L) & d_mask[None, :])
 
 
-def attention_triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                             block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """The kernel trusts its arguments (a k shorter than q would be read out of bounds), so check them here."""
     if triton is None:
         raise RuntimeError("triton is not installed")
+    if q.dim() != 4 or not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v must share one [B, L, G, d] shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q, k, v must share one dtype of {SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+    if q.device.type != "cuda" and not INTERPRETED:
+        raise RuntimeError("the Triton attention kernel needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+                           "cod.kernels is first imported to run it on the CPU")
+
+
+def attention_triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                             block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+    """The fused forward alone (no autograd), [B, L, G, d] in and out, in the input dtype."""
+    _check_inputs(q, k, v)
     B, L, G, d = q.shape
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty_like(q)
+    if out.numel() == 0:
+        return out
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     block_d = max(16, triton.next_power_of_2(d))
     grid = (triton.cdiv(L, block_m), B * G)
-    _flash_forward[grid](q, k, v, out, L, G, scale,
+    _flash_forward[grid](q, k, v, out, L, G, scale * LOG2E,
                          q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                          v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
                          HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
