@@ -107,8 +107,8 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
         items = [ds[i] for i in range(len(ds))]
     assert len(items) == 5 and sum(x is None for x in items) == 2
     assert SkipCounter.skipped - before == 2
-    batch = collate_skipping(items)
-    assert batch.shape == (3, 3, 32, 32)
+    images, ids = collate_skipping(items)
+    assert images.shape == (3, 3, 32, 32) and len(ids) == 3
 
 
 def test_crop_policy_upsizes_small_images_and_centres_validation():

@@ -1,29 +1,32 @@
 """KL autoencoder with the state-dict layout of diffusers' `AutoencoderKL` (the SD VAE that CoD's latent
 models use: stabilityai/sd-vae-ft-ema, 4 latent channels, 8x downsampling), plus CoD's latent scaling.
 
-Loads diffusers folders or files, and converts the original CompVis/LDM layout; every key and shape is
-checked. No diffusers dependency.
+The released `diffusion_pytorch_model.safetensors` loads into `AutoencoderKL` key for key. `load_vae` also
+reads diffusers' legacy attention names and the original CompVis/LDM layout; every key and shape is checked.
+No diffusers dependency: this file only needs torch, safetensors and the standard library.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# The SD VAE's latent scaling factor. Official CoD latent checkpoints were trained on latents multiplied by
-# its square (QUIRK 14), so their model configs store OFFICIAL_LATENT_SCALE; new models use SD_VAE_SCALING.
+# Two scales exist because of a quirk of the release (spec §7.1, QUIRK 14): the official CoD latent
+# checkpoints were trained on VAE latents multiplied by the SD scaling factor *squared*, so they only work
+# with OFFICIAL_LATENT_SCALE. The standard factor gives unit-variance latents and is what new models use.
 SD_VAE_SCALING = 0.18215
 OFFICIAL_LATENT_SCALE = SD_VAE_SCALING ** 2
 
-DOWNLOAD_HINT = ("download diffusion_pytorch_model.safetensors and config.json from "
-                 "https://huggingface.co/stabilityai/sd-vae-ft-ema into one folder and pass that folder "
-                 "(or set the environment variable COD_VAE_PATH to it)")
+DOWNLOAD_HINT = ("download `diffusion_pytorch_model.safetensors` and `config.json` from "
+                 "https://huggingface.co/stabilityai/sd-vae-ft-ema and pass the folder "
+                 "(or set the environment variable COD_VAE_PATH)")
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,23 @@ class VAEConfig:
     norm_num_groups: int = 32
 
     @classmethod
-    def from_json(cls, data: dict) -> "VAEConfig":
+    def from_diffusers_config(cls, data: dict) -> "VAEConfig":
+        """Read a diffusers `config.json`; settings this implementation does not build are refused rather
+        than ignored, since ignoring them would give a model that loads but computes something else."""
+        levels = len(data.get("block_out_channels", cls.block_out_channels))
+        required = {
+            "_class_name": "AutoencoderKL",
+            "act_fn": "silu",
+            "down_block_types": ["DownEncoderBlock2D"] * levels,
+            "up_block_types": ["UpDecoderBlock2D"] * levels,
+            "mid_block_add_attention": True,
+            "use_quant_conv": True,
+            "use_post_quant_conv": True,
+        }
+        wrong = [f"{k}={data[k]!r} (supported: {v!r})" for k, v in required.items()
+                 if k in data and (list(data[k]) if isinstance(v, list) else data[k]) != v]
+        if wrong:
+            raise ValueError("unsupported VAE config.json: " + "; ".join(wrong))
         names = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names}
         if "block_out_channels" in kwargs:
@@ -44,13 +63,17 @@ class VAEConfig:
         return cls(**kwargs)
 
 
-VAE_PRESETS = {
+VAE_PRESETS: dict[str, VAEConfig] = {
     "sd-vae": VAEConfig(),
-    # CPU tests and demos: same 8x geometry, a few hundred thousand parameters.
+    # CPU tests and demos. It keeps the SD VAE's 8x geometry (four levels) because the latent denoisers
+    # assume H/8 x W/8 latents; narrow channels and one resnet per level keep it at ~0.37 M parameters.
     "tiny": VAEConfig(block_out_channels=(32, 32, 32, 32), layers_per_block=1),
 }
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Network. Module and attribute names are chosen so that state_dict keys equal diffusers' keys.
+# ---------------------------------------------------------------------------------------------------------
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
 
@@ -71,7 +94,7 @@ class ResnetBlock(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Single-head attention over all positions, linear projections (diffusers' `Attention` layout)."""
+    """Single-head attention over all spatial positions with a residual connection."""
 
     def __init__(self, channels: int, groups: int):
         super().__init__()
@@ -79,12 +102,13 @@ class SelfAttention(nn.Module):
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
+        # A one-element list so the key reads `to_out.0.*` as in diffusers (whose index 1 is a dropout).
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.group_norm(x).flatten(2).transpose(1, 2)
-        q, k, v = (m(h).unsqueeze(1) for m in (self.to_q, self.to_k, self.to_v))
+        q, k, v = (proj(h).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))
         o = F.scaled_dot_product_attention(q, k, v).squeeze(1)
         return x + self.to_out[0](o).transpose(1, 2).reshape(B, C, H, W)
 
@@ -95,6 +119,7 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The SD VAE pads right/bottom only before its stride-2 conv; symmetric padding would shift the grid.
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
@@ -124,8 +149,8 @@ class DownBlock(nn.Module):
         self.downsamplers = nn.ModuleList([Downsample(out_ch)]) if downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for r in self.resnets:
-            x = r(x)
+        for resnet in self.resnets:
+            x = resnet(x)
         return x if self.downsamplers is None else self.downsamplers[0](x)
 
 
@@ -136,8 +161,8 @@ class UpBlock(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if upsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for r in self.resnets:
-            x = r(x)
+        for resnet in self.resnets:
+            x = resnet(x)
         return x if self.upsamplers is None else self.upsamplers[0](x)
 
 
@@ -151,6 +176,7 @@ class Encoder(nn.Module):
             for i in range(len(ch))])
         self.mid_block = MidBlock(ch[-1], g)
         self.conv_norm_out = _norm(ch[-1], g)
+        # Mean and log-variance of the posterior, hence twice the latent channels.
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,6 +192,7 @@ class Decoder(nn.Module):
         ch, g = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
         self.mid_block = MidBlock(ch[0], g)
+        # The decoder has one resnet more per level than the encoder (diffusers and LDM alike).
         self.up_blocks = nn.ModuleList([
             UpBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, upsample=i < len(ch) - 1)
             for i in range(len(ch))])
@@ -180,14 +207,19 @@ class Decoder(nn.Module):
 
 
 class DiagonalGaussian:
+    """The encoder's posterior N(mean, exp(logvar)) per latent element."""
+
     def __init__(self, moments: torch.Tensor):
         self.mean, logvar = moments.chunk(2, dim=1)
+        # Same clamp as diffusers/LDM, so sampled latents match theirs for the same noise.
         self.logvar = logvar.clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        eps = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype,
-                          device=generator.device if generator is not None else self.mean.device)
+        # Draw on the generator's device (like diffusers' randn_tensor), so a seeded CPU generator gives the
+        # same latent whether the model runs on CPU or GPU.
+        device = generator.device if generator is not None else self.mean.device
+        eps = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype, device=device)
         return self.mean + self.std * eps.to(self.mean.device)
 
     def mode(self) -> torch.Tensor:
@@ -208,30 +240,45 @@ class AutoencoderKL(nn.Module):
         return 2 ** (len(self.config.block_out_channels) - 1)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        """x in [-1, 1] -> posterior over latents."""
+        """Image in [-1, 1], [B,3,H,W] -> posterior over [B,latent_channels,H/f,W/f] latents."""
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """latent -> image in [-1, 1] (not clamped)."""
+        """Latent -> image, nominally in [-1, 1] (not clamped)."""
         return self.decoder(self.post_quant_conv(z))
 
 
 class LatentSpace(nn.Module):
-    """Frozen VAE + CoD's scaling: latent = encode(2 img - 1).sample() * scale; image = (decode(latent/scale)+1)/2."""
+    """A frozen VAE with CoD's latent scaling (spec §7.1):
+    latent = encode(2·img − 1).sample() · scale, image = clamp((decode(latent / scale) + 1) / 2, 0, 1)."""
 
-    def __init__(self, vae: AutoencoderKL, scale: float = SD_VAE_SCALING):
+    def __init__(self, vae: AutoencoderKL, scale: float):
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
         self.scale = scale
 
+    def train(self, mode: bool = True) -> "LatentSpace":
+        # The VAE is never trained; a parent's .train() must not switch it out of eval mode.
+        super().train(mode)
+        self.vae.eval()
+        return self
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.vae.downsample_factor
+
+    # No gradient flows through the VAE in CoD: it only maps data into model space and samples back out,
+    # so autograd graphs over its activations would be pure memory cost.
     @torch.no_grad()
     def to_latent(self, img01: torch.Tensor, generator: torch.Generator | None = None,
                   sample: bool = True) -> torch.Tensor:
+        """Image in [0, 1] -> scaled latent; `sample=False` takes the posterior mean instead of a draw."""
         posterior = self.vae.encode(2 * img01 - 1)
         return (posterior.sample(generator) if sample else posterior.mode()) * self.scale
 
     @torch.no_grad()
     def to_image(self, latent: torch.Tensor) -> torch.Tensor:
+        """Scaled latent -> image in [0, 1]."""
         return ((self.vae.decode(latent / self.scale) + 1) / 2).clamp(0, 1)
 
 
@@ -239,49 +286,87 @@ class LatentSpace(nn.Module):
 # Loading
 # ---------------------------------------------------------------------------------------------------------
 def resolve_vae_path(path: str | os.PathLike | None) -> Path:
-    """An explicit path, else $COD_VAE_PATH; a missing file says what to download."""
+    """The explicit path, else $COD_VAE_PATH, else a FileNotFoundError saying what to download."""
     chosen = path if path is not None else os.environ.get("COD_VAE_PATH")
     if not chosen:
-        raise FileNotFoundError(f"this latent model needs the SD VAE weights: {DOWNLOAD_HINT}")
+        raise FileNotFoundError(f"the SD VAE weights are needed for latent models: {DOWNLOAD_HINT}")
     chosen = Path(chosen)
     if not chosen.exists():
-        raise FileNotFoundError(f"SD VAE weights not found at {chosen}: {DOWNLOAD_HINT}")
+        raise FileNotFoundError(f"no SD VAE weights at {chosen}: {DOWNLOAD_HINT}")
     return chosen
 
 
 _LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _LDM_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_LDM_KEY = re.compile(r"^(encoder|decoder)\.(down|up|mid)\.")
+# Parts of LDM training checkpoints that are not the autoencoder: the LPIPS/discriminator loss module
+# and the raw EMA copy (whose values "ema-pruned" releases have already moved into the main keys).
+_LDM_NOT_AUTOENCODER = ("loss.", "model_ema.")
+
+
+def _ldm_to_diffusers_key(key: str, num_levels: int) -> str:
+    m = re.match(r"^(encoder|decoder)\.mid\.attn_1\.(\w+)\.", key)
+    if m:
+        return f"{m[1]}.mid_block.attentions.0.{_LDM_ATTENTION[m[2]]}." + key[m.end():]
+
+    def flip(level: str) -> int:
+        # LDM numbers decoder levels from the highest resolution up; diffusers in the order they run.
+        return num_levels - 1 - int(level)
+
+    rules = (
+        (r"^(encoder|decoder)\.mid\.block_(\d)\.", lambda m: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}."),
+        (r"^encoder\.down\.(\d+)\.block\.", lambda m: f"encoder.down_blocks.{m[1]}.resnets."),
+        (r"^encoder\.down\.(\d+)\.downsample\.", lambda m: f"encoder.down_blocks.{m[1]}.downsamplers.0."),
+        (r"^decoder\.up\.(\d+)\.block\.", lambda m: f"decoder.up_blocks.{flip(m[1])}.resnets."),
+        (r"^decoder\.up\.(\d+)\.upsample\.", lambda m: f"decoder.up_blocks.{flip(m[1])}.upsamplers.0."),
+        (r"\.norm_out\.", lambda m: ".conv_norm_out."),
+        (r"\.nin_shortcut\.", lambda m: ".conv_shortcut."),
+    )
+    for pattern, repl in rules:
+        key = re.sub(pattern, repl, key)
+    return key
 
 
 def convert_state_dict(state: dict[str, torch.Tensor], num_levels: int = 4) -> dict[str, torch.Tensor]:
-    """Map the CompVis/LDM layout and diffusers' legacy attention names to the current diffusers layout."""
-    state = {k.removeprefix("first_stage_model."): v for k, v in state.items()}
-    if not any(k.startswith(("encoder.down.", "decoder.up.", "encoder.mid.")) for k in state) and \
-            not any(re.search(r"attentions\.0\.(query|key|value|proj_attn)\.", k) for k in state):
-        return state
+    """Bring any accepted layout to the current diffusers one: the CompVis/LDM layout (optionally inside a
+    full Stable Diffusion checkpoint under `first_stage_model.`), diffusers' legacy attention names, and
+    1x1-conv shaped attention weights. Keys already in diffusers layout pass through unchanged."""
+    prefix = "first_stage_model."
+    if any(k.startswith(prefix) for k in state):
+        # A whole SD checkpoint: the UNet and text encoder beside the VAE are not ours to check.
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if any(_LDM_KEY.match(k) for k in state):
+        state = {_ldm_to_diffusers_key(k, num_levels): v for k, v in state.items()
+                 if not k.startswith(_LDM_NOT_AUTOENCODER)}
     out = {}
     for key, value in state.items():
-        new = key
-        m = re.match(r"(encoder|decoder)\.mid\.attn_1\.(\w+)\.(weight|bias)$", key)
-        if m:
-            new = f"{m[1]}.mid_block.attentions.0.{_LDM_ATTENTION[m[2]]}.{m[3]}"
-            if m[2] in ("q", "k", "v", "proj_out") and value.ndim == 4:
-                value = value[:, :, 0, 0]
-        else:
-            new = re.sub(r"^(encoder|decoder)\.mid\.block_(\d)\.",
-                         lambda mm: f"{mm[1]}.mid_block.resnets.{int(mm[2]) - 1}.", new)
-            new = re.sub(r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets.", new)
-            new = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", new)
-            new = re.sub(r"^decoder\.up\.(\d+)\.block\.",
-                         lambda mm: f"decoder.up_blocks.{num_levels - 1 - int(mm[1])}.resnets.", new)
-            new = re.sub(r"^decoder\.up\.(\d+)\.upsample\.",
-                         lambda mm: f"decoder.up_blocks.{num_levels - 1 - int(mm[1])}.upsamplers.0.", new)
-            new = re.sub(r"\.norm_out\.", ".conv_norm_out.", new)
-            new = new.replace(".nin_shortcut.", ".conv_shortcut.")
-            new = re.sub(r"attentions\.0\.(query|key|value|proj_attn)\.",
-                         lambda mm: f"attentions.0.{_LEGACY_ATTENTION[mm[1]]}.", new)
-        out[new] = value
+        key = re.sub(r"attentions\.0\.(query|key|value|proj_attn)\.",
+                     lambda m: f"attentions.0.{_LEGACY_ATTENTION[m[1]]}.", key)
+        if re.search(r"attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$", key) and value.ndim == 4 \
+                and value.shape[2:] == (1, 1):
+            value = value[:, :, 0, 0]  # a 1x1 conv over positions is the same map as a linear layer
+        out[key] = value
     return out
+
+
+def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise one ValueError naming the missing, unexpected and mis-shaped keys (first 10 of each, with
+    counts) unless `state` fits `module` exactly."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = [(title, items) for title, items in
+                (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)) if items]
+    if problems:
+        lines = [f"{what} does not match the VAE layout:"]
+        for title, items in problems:
+            lines.append(f"  {len(items)} {title}:")
+            lines += [f"    {item}" for item in items[:10]]
+            if len(items) > 10:
+                lines.append(f"    ... and {len(items) - 10} more")
+        raise ValueError("\n".join(lines))
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -289,19 +374,31 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds more than tensors and is not unpickled for safety; "
+                         f"convert it to .safetensors ({e})") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a (Lightning/LDM) training checkpoint
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict (found {type(state).__name__})")
+    return state
 
 
-def load_vae(path: str | os.PathLike, preset: str = "sd-vae") -> AutoencoderKL:
-    """A diffusers folder (config.json + diffusion_pytorch_model.safetensors/.bin), or one weights file in
-    diffusers or CompVis layout (.safetensors, or .bin/.pt/.ckpt read with weights_only)."""
+def load_vae(path: str | os.PathLike | None, preset: str = "sd-vae") -> AutoencoderKL:
+    """Load VAE weights, strictly, from
+    (a) a diffusers folder: config.json (which then decides the architecture) + diffusion_pytorch_model
+        .safetensors (preferred) or .bin;
+    (b) one .safetensors file, or (c) one .bin/.pt/.ckpt file (read with weights_only=True),
+    in diffusers, legacy-diffusers or CompVis/LDM layout. Files without config.json use `preset`.
+    `path=None` falls back to $COD_VAE_PATH. Returns the model in eval mode, on the CPU."""
     path = resolve_vae_path(path)
     config = VAE_PRESETS[preset]
     if path.is_dir():
         if (path / "config.json").is_file():
-            config = VAEConfig.from_json(json.loads((path / "config.json").read_text()))
-        candidates = [path / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")]
+            config = VAEConfig.from_diffusers_config(json.loads((path / "config.json").read_text()))
+        candidates = [path / f"diffusion_pytorch_model.{ext}" for ext in ("safetensors", "bin")]
         weights = next((c for c in candidates if c.is_file()), None)
         if weights is None:
             raise FileNotFoundError(f"{path} holds no diffusion_pytorch_model.safetensors: {DOWNLOAD_HINT}")
@@ -309,11 +406,6 @@ def load_vae(path: str | os.PathLike, preset: str = "sd-vae") -> AutoencoderKL:
         weights = path
     vae = AutoencoderKL(config)
     state = convert_state_dict(_read_weights(weights), len(config.block_out_channels))
-    from cod.model import load_state_strict  # one strict loader for every weights file
-
-    load_state_strict(vae, state, f"VAE weights {weights}")
+    check_state_dict(vae, state, f"VAE weights {weights}")
+    vae.load_state_dict(state, strict=True)
     return vae.eval()
-
-
-def vae_config_dict(vae: AutoencoderKL) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(vae.config).items()}

@@ -15,6 +15,7 @@ import random
 import re
 import tarfile
 import warnings
+import zlib
 from pathlib import Path
 
 import lightning as L
@@ -83,7 +84,7 @@ class FolderDataset(Dataset):
         # Crops are a function of (seed, epoch, index): reproducible, and resumable mid-run.
         rng = random.Random(hash((self.seed, self.epoch, i)) if self.train else i)
         image = decode_bytes(self.files[i].read_bytes(), str(self.files[i]))
-        return None if image is None else crop(image, self.size, self.train, rng)
+        return None if image is None else (crop(image, self.size, self.train, rng), i)
 
 
 class HFDataset(Dataset):
@@ -108,7 +109,7 @@ class HFDataset(Dataset):
         data = item["bytes"] if item.get("bytes") else Path(item["path"]).read_bytes()
         image = decode_bytes(data, f"{self.key}[{i}]")
         rng = random.Random(hash((self.seed, self.epoch, i)) if self.train else i)
-        return None if image is None else crop(image, self.size, self.train, rng)
+        return None if image is None else (crop(image, self.size, self.train, rng), i)
 
 
 def _shard(items: list, rank: int, world: int) -> list:
@@ -145,7 +146,7 @@ class TarShards(IterableDataset):
                     if member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES:
                         image = decode_bytes(tar.extractfile(member).read(), f"{shard}:{member.name}")
                         if image is not None:
-                            yield crop(image, self.size, self.train, rng)
+                                yield crop(image, self.size, self.train, rng), zlib.crc32(f"{shard}:{member.name}".encode())
 
 
 class HFStream(IterableDataset):
@@ -168,7 +169,7 @@ class HFStream(IterableDataset):
             value = next((v for v in item.values() if isinstance(v, Image.Image)), None)
             if value is None:
                 continue
-            yield crop(to_rgb8(value), self.size, self.train, rng)
+            yield crop(to_rgb8(value), self.size, self.train, rng), i
 
 
 def build_dataset(source: str, size: int, train: bool, seed: int = 0, rank: int = 0, world: int = 1):
@@ -181,17 +182,19 @@ def build_dataset(source: str, size: int, train: bool, seed: int = 0, rank: int 
     return FolderDataset(source, size, train, seed)
 
 
-def collate_skipping(batch: list) -> torch.Tensor:
+def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, sample id) pairs -> (images [B,3,S,S], ids [B]), dropping unreadable (None) items. The ids seed
+    each sample's training noise, so the noise does not depend on how samples are split into batches/ranks."""
     kept = [b for b in batch if b is not None]
     if not kept:
-        return torch.empty(0)
-    return torch.stack(kept)
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return torch.stack([b[0] for b in kept]), torch.tensor([b[1] for b in kept], dtype=torch.long)
 
 
 class ImageDataModule(L.LightningDataModule):
     def __init__(self, train: str = "../shared/data/train256", val: str | None = None, size: int = 256,
                  batch_size: int = 8, val_batch_size: int | None = None, num_workers: int = 0, seed: int = 0,
-                 val_images: int = 8):
+                 val_images: int = 8, shuffle: bool = True):
         super().__init__()
         self.save_hyperparameters()
 
@@ -207,7 +210,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         iterable = isinstance(self.train_set, IterableDataset)
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=not iterable,
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=self.hparams.shuffle and not iterable,
                           num_workers=self.hparams.num_workers, collate_fn=collate_skipping, drop_last=True,
                           generator=torch.Generator().manual_seed(self.hparams.seed),
                           persistent_workers=self.hparams.num_workers > 0)

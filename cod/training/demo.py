@@ -44,8 +44,8 @@ class CropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images) * self.n
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.crop(self.images[i % len(self.images)], self.size, True, random.Random(self.seed * 1_000_003 + i))
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.crop(self.images[i % len(self.images)], self.size, True, random.Random(self.seed * 1_000_003 + i)), i
 
 
 def run_demo(out: Path, minutes: float = 6.0, seed: int = 0, quiet: bool = False) -> dict:
@@ -55,6 +55,7 @@ def run_demo(out: Path, minutes: float = 6.0, seed: int = 0, quiet: bool = False
     from cod.codec.evaluate import matched_anchor, ms_ssim, psnr
     from cod.codec.images import png_bytes
     from cod.model import atomic_write_bytes, load
+    from cod.training.data import collate_skipping
     from cod.training.module import CoDTrainingModule
 
     say = (lambda *a: None) if quiet else print
@@ -66,7 +67,8 @@ def run_demo(out: Path, minutes: float = 6.0, seed: int = 0, quiet: bool = False
         f"photos for {minutes:g} min; held out: {', '.join(held_out)}")
     module = CoDTrainingModule(**DEMO_MODEL, lr=4e-4, warmup_steps=50, ema_decay=0.995, seed=seed)
     loader = DataLoader(CropDataset(list(train_photos.values()), 64, 64, seed), batch_size=8, shuffle=True,
-                        num_workers=0, drop_last=True, generator=torch.Generator().manual_seed(seed))
+                        num_workers=0, drop_last=True, generator=torch.Generator().manual_seed(seed),
+                        collate_fn=collate_skipping)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_time={"seconds": int(minutes * 60)}, max_epochs=-1,
                         logger=TensorBoardLogger(str(out), name="logs"), enable_checkpointing=False,
                         enable_progress_bar=not quiet, enable_model_summary=False, limit_val_batches=0,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from cod.diffusion.losses import CoDObjective
+from cod.diffusion.losses import CoDObjective, TrainingDraws
 from cod.model import CoDModel, build_config, build_denoiser, load, load_state_strict
 from cod.models.presets import get_preset
 from cod.training.repa import build_repa_teacher
@@ -94,18 +94,31 @@ class CoDTrainingModule(L.LightningModule):
             return self.latent.to_latent(images01)
         return (images01 - 0.5) / 0.5
 
-    def _losses(self, images01: torch.Tensor) -> dict:
+    def _draws(self, x: torch.Tensor, ids: torch.Tensor) -> TrainingDraws:
+        """Per-sample randomness from (seed, step, sample id): identical whether a sample is trained in one
+        process or another rank's shard, and after a resume (the step and the ids are restored)."""
+        us, zs, noises = [], [], []
+        for sid in ids.tolist():
+            g = torch.Generator().manual_seed(hash((self.hparams.seed, self.global_step, sid)) & 0x7FFFFFFFFFFF)
+            us.append(torch.rand(1, generator=g))
+            zs.append(torch.randn(1, generator=g))
+            noises.append(torch.randn(x.shape[1:], generator=g))
+        dev = x.device
+        return TrainingDraws(torch.cat(us).to(dev), torch.cat(zs).to(dev), torch.stack(noises).to(dev, x.dtype))
+
+    def _losses(self, batch) -> dict:
+        images01, ids = batch
         x = self._model_space(images01)
         y = CoDModel.condition_image(images01)
         target = self.teacher(images01, tokens=(images01.shape[-2] // 16) * (images01.shape[-1] // 16))
-        return self.objective(self.denoiser, x, y, -torch.ones_like(y), target)
+        return self.objective(self.denoiser, x, y, -torch.ones_like(y), target, self._draws(x, ids))
 
     # ---- Lightning hooks -----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
-        if batch.numel() == 0:  # every image of the batch was unreadable (skipped and counted by the data)
+        if batch[0].numel() == 0:  # every image of the batch was unreadable (skipped and counted by the data)
             return None
         losses = self._losses(batch)
-        B = batch.shape[0]
+        B = batch[0].shape[0]
         self.log_dict({f"train/{k}": v.detach() if torch.is_tensor(v) else v for k, v in losses.items()},
                       prog_bar=False, batch_size=B, sync_dist=False)
         self.log("train/loss_bar", losses["loss"].detach(), prog_bar=True, logger=False, batch_size=B)
@@ -126,7 +139,10 @@ class CoDTrainingModule(L.LightningModule):
         self.ema.update_parameters(self.denoiser)
 
     def validation_step(self, batch, batch_idx):
+        if batch[0].numel() == 0:
+            return
         losses = self._losses(batch)
+        batch = batch[0]
         self.log("val/loss", losses["loss"], batch_size=batch.shape[0], sync_dist=True)
         if batch_idx == 0:
             recon = self.reconstruct(batch[:4])
