@@ -26,6 +26,7 @@ from cod.models.ddt import DDT
 from cod.models.denoiser import CoDDenoiser
 from cod.models.pixnerdit import PixNerDiT
 from cod.models.presets import DEFAULT_SAMPLING, Preset
+from cod.models.state_dict import StateDictMismatch, load_state_strict
 
 CONFIG_FORMAT = "cod-model"
 CONFIG_VERSION = 1
@@ -291,23 +292,6 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def load_state_strict(module: torch.nn.Module, state: dict, what: str) -> None:
-    """load_state_dict that names every missing, unexpected or mis-shaped key (the release loads silently)."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
-            if items:
-                shown = "\n    ".join(items[:12]) + (f"\n    ... and {len(items) - 12} more" if len(items) > 12 else "")
-                parts.append(f"  {len(items)} {title}:\n    {shown}")
-        raise ModelDirError(f"{what} does not match the model:\n" + "\n".join(parts))
-    module.load_state_dict(state, strict=True)
-
-
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", vae_path: str | None = None) -> CoDModel:
     """Load a model directory written by `cod new-model` or `cod import-official`."""
     path = Path(path)
@@ -316,7 +300,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", vae_path: 
     if not weights.is_file():
         raise ModelDirError(f"{path} has no model.safetensors")
     denoiser = build_denoiser(config)
-    load_state_strict(denoiser, load_file(str(weights)), str(weights))
+    try:
+        load_state_strict(denoiser, load_file(str(weights)), str(weights))
+    except StateDictMismatch as e:
+        raise ModelDirError(str(e)) from None
     latent = None
     lat = config.get("latent") or {}
     if config["family"] == "latent" and (lat.get("vae_file") or vae_path or os.environ.get("COD_VAE_PATH")):

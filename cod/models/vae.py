@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cod.models.state_dict import check_state_dict
+
 # Two scales exist because of a quirk of the release (spec §7.1, QUIRK 14): the official CoD latent
 # checkpoints were trained on VAE latents multiplied by the SD scaling factor *squared*, so they only work
 # with OFFICIAL_LATENT_SCALE. The standard factor gives unit-variance latents and is what new models use.
@@ -347,26 +349,6 @@ def convert_state_dict(state: dict[str, torch.Tensor], num_levels: int = 4) -> d
             value = value[:, :, 0, 0]  # a 1x1 conv over positions is the same map as a linear layer
         out[key] = value
     return out
-
-
-def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """Raise one ValueError naming the missing, unexpected and mis-shaped keys (first 10 of each, with
-    counts) unless `state` fits `module` exactly."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    problems = [(title, items) for title, items in
-                (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)) if items]
-    if problems:
-        lines = [f"{what} does not match the VAE layout:"]
-        for title, items in problems:
-            lines.append(f"  {len(items)} {title}:")
-            lines += [f"    {item}" for item in items[:10]]
-            if len(items) > 10:
-                lines.append(f"    ... and {len(items) - 10} more")
-        raise ValueError("\n".join(lines))
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
