@@ -30,12 +30,12 @@ class CoDTrainingModule(L.LightningModule):
                  ema_decay: float = 0.9999, one_step_mse_weight: float = 0.0, null_condition_p: float = 0.1,
                  align_layer: int = 8, codec_loss_masking: str = "correct", repa: dict | None = None,
                  vae_path: str | None = None, val_sampling_steps: int = 10, export_dir: str | None = None,
-                 seed: int = 0):
+                 sampling: dict | None = None, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         spec = get_preset(preset, ds=ds, bits=bits, up2x=up2x)
         self.family = spec.family
-        self.model_config = build_config(spec, preset)
+        self.model_config = build_config(spec, preset, sampling=sampling)  # sampling: the exported defaults
         with torch.random.fork_rng():  # seeded initialisation without touching the caller's RNG state
             torch.manual_seed(seed)
             self.denoiser = build_denoiser(self.model_config)
@@ -157,7 +157,8 @@ class CoDTrainingModule(L.LightningModule):
         """Compress + decompress with the EMA weights (fixed-length indices, the model's sampler)."""
         model = self.export_model()
         idx = model.encode(images01)
-        out = model.decode(idx, *images01.shape[-2:], steps=self.hparams.val_sampling_steps)
+        steps = min(self.hparams.val_sampling_steps, self.model_config["sampling"]["steps"])
+        out = model.decode(idx, *images01.shape[-2:], steps=steps)
         return out.float().div(255).to(images01.device)
 
     def export_model(self) -> CoDModel:
