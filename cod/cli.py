@@ -160,4 +160,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cod.cli import main as _main  # the package's copy, whose error classes the subcommands raise
+
+    sys.exit(_main())

@@ -199,8 +199,9 @@ class CoDModel(torch.nn.Module):
         return self.to_uint8(x)
 
     def compress(self, images, **options) -> list[bytes]:
-        """RGB images (HxWx3 uint8 arrays, PIL images or [3,H,W] tensors), any size -> .cod bytes each.
-        options: fmt ("cod" | "official"), sampler, steps, cfg, seed (stored in the file when not default)."""
+        """RGB images (HxWx3 uint8 arrays, PIL images, [3,H,W] tensors or a [B,3,H,W] float batch), any size ->
+        .cod bytes each. options: fmt ("cod" | "official"), batch_size, and sampler, steps, cfg, seed (stored in
+        the file when not the defaults). See cod.codec.api.compress."""
         from cod.codec import api
 
         return api.compress(self, images, **options)

@@ -3,7 +3,6 @@ format, and every class of bad input ending in one clear message, a non-zero exi
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from cod.compat.fill_rule import apply_fill_rule
 from cod.model import CoDModel, build_config
 from cod.models.pixnerdit import PixNerDiT
 from cod.models.presets import Preset
-from conftest import KODAK, condition_from_u8, fixture_manifest, fixture_tensors, require
+from conftest import KODAK, fixture_manifest, fixture_tensors, require
 
 STEPS = ["--steps", "2"]
 
@@ -38,6 +37,11 @@ def other_model_dir(tmp_path_factory):
 def save(path, array, **kw):
     Image.fromarray(array).save(path, **kw)
     return path
+
+
+def pixels(path):
+    with Image.open(path) as im:
+        return np.asarray(im)
 
 
 def rand_image(h, w, seed=0):
@@ -65,48 +69,26 @@ def test_full_size_portrait_kodak_round_trip(model_dir, tmp_path):
         assert im.size == (512, 768)
 
 
-def test_batch_equals_single_and_decode_is_deterministic(model_dir, tmp_path):
+def test_batches_give_the_same_files_and_decoding_is_deterministic(model_dir, tmp_path):
+    # three images of one padded size (64x96) and one of another: a batch of 3 and a batch of 1
     paths = [save(tmp_path / f"img{i}.png", rand_image(40 + 8 * i, 70, seed=i)) for i in range(3)]
-    assert main(["-q", "compress", "--model", str(model_dir), *map(str, paths), "-o", str(tmp_path / "batch")]
-                + STEPS) == 0
+    paths.append(save(tmp_path / "small.png", rand_image(5, 9, seed=3)))
+    assert main(["-q", "compress", "--model", str(model_dir), *map(str, paths), "-o", str(tmp_path / "batch"),
+                 "--batch-size", "3"] + STEPS) == 0
     for p in paths:
-        assert main(["-q", "compress", "--model", str(model_dir), str(p), "-o", str(tmp_path / "single")]
-                    + STEPS) == 0
+        assert main(["-q", "compress", "--model", str(model_dir), str(p), "-o", str(tmp_path / "single")] + STEPS) == 0
         assert (tmp_path / "batch" / f"{p.stem}.cod").read_bytes() == (tmp_path / "single" / f"{p.stem}.cod").read_bytes()
-    model = cod.load(model_dir)
-    data = (tmp_path / "batch" / "img1.cod").read_bytes()
-    first, second = model.decompress(data), model.decompress(data)
-    assert first.shape == (48, 70, 3) and np.array_equal(first, second)
-
-
-def test_python_api_accepts_arrays_pil_and_tensors(model_dir):
-    model = cod.load(model_dir)
-    img = rand_image(33, 65)
-    a = model.compress([img, Image.fromarray(img), torch.from_numpy(img).permute(2, 0, 1)], steps=2)
-    assert a[0] == a[1] == a[2]
-    assert model.decompress(a[0]).shape == (33, 65, 3)
-
-
-def test_image_modes_are_normalised_to_rgb(tmp_path):
-    from cod.codec.images import read_image
-
-    rgb = rand_image(20, 30)
-    assert read_image(save(tmp_path / "g.png", rgb[..., 0])).shape == (20, 30, 3)
-    gray16 = (rgb[..., 0].astype(np.uint16) * 257)
-    Image.fromarray(gray16).save(tmp_path / "g16.png")
-    assert np.array_equal(read_image(tmp_path / "g16.png")[..., 0], rgb[..., 0])
-    with pytest.warns(UserWarning, match="alpha"):
-        out = read_image(save(tmp_path / "a.png", np.dstack([rgb, np.full((20, 30), 128, np.uint8)])))
-    assert np.array_equal(out, rgb)
-    Image.fromarray(rgb).convert("P").save(tmp_path / "p.png")
-    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "c.tiff")
-    Image.fromarray(rgb).save(tmp_path / "w.webp", lossless=True)
-    for name in ("p.png", "c.tiff", "w.webp"):
-        assert read_image(tmp_path / name).shape == (20, 30, 3)
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees on display
-    Image.fromarray(rgb).save(tmp_path / "o.jpg", exif=exif)
-    assert read_image(tmp_path / "o.jpg").shape == (30, 20, 3)
+    assert main(["-q", "decompress", "--model", str(model_dir), str(tmp_path / "batch"), "-o", str(tmp_path / "d4"),
+                 "--batch-size", "4"]) == 0
+    for p in paths:
+        assert main(["-q", "decompress", "--model", str(model_dir), str(tmp_path / "single" / f"{p.stem}.cod"),
+                     "-o", str(tmp_path / "d1")]) == 0
+        batched, single = pixels(tmp_path / "d4" / f"{p.stem}.png"), pixels(tmp_path / "d1" / f"{p.stem}.png")
+        assert batched.shape == single.shape == pixels(p).shape
+        assert np.abs(batched.astype(int) - single).max() <= 1  # batched sums may round a rare pixel differently
+    assert main(["-q", "decompress", "--model", str(model_dir), str(tmp_path / "single" / "img1.cod"),
+                 "-o", str(tmp_path / "again.png")]) == 0
+    assert np.array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "d1" / "img1.png"))
 
 
 def test_bad_inputs_fail_cleanly_without_outputs(model_dir, other_model_dir, tmp_path, capsys):
@@ -128,6 +110,13 @@ def test_bad_inputs_fail_cleanly_without_outputs(model_dir, other_model_dir, tmp
         (["decompress", "--model", str(other_model_dir), str(tmp_path / "good.cod")], "another model"),
         (["decompress", "--model", str(tmp_path / "nomodel"), str(tmp_path / "good.cod")], "does not exist"),
         (["compress", "--model", str(model_dir), str(good), "--device", "cuda:7"], "CUDA"),
+        (["compress", "--model", str(model_dir), str(good), "--cfg", "1e6"], "guidance scale"),
+        (["compress", "--model", str(model_dir), str(good), "--seed", "-1"], "seed must be"),
+        (["compress", "--model", str(model_dir), str(tmp_path / "text.png"), "--format", "official"], "text.png"),
+        (["compress", "--model", str(model_dir), str(save(tmp_path / "odd.png", rand_image(17, 17))),
+          "--format", "official"], "cannot restore a 17x17 image"),
+        (["decompress", "--model", str(model_dir), str(tmp_path / "good.cod"), "--format", "official"],
+         "official file"),
     ]
     for i, (argv, message) in enumerate(cases):
         out = tmp_path / f"out{i}"
@@ -135,10 +124,28 @@ def test_bad_inputs_fail_cleanly_without_outputs(model_dir, other_model_dir, tmp
         err = capsys.readouterr().err
         assert err.count("cod: error:") == 1 and message in err and "Traceback" not in err, (argv, err)
         assert not out.exists() or not any(out.iterdir()), argv
-    for argv in (["--steps", "0"], ["--sampler", "heun"]):
-        with pytest.raises(SystemExit) as e:
+    for argv in (["--steps", "0"], ["--steps", "-3"], ["--sampler", "heun"], ["--sampler", "euler_sde"],
+                 ["--batch-size", "0"]):
+        with pytest.raises(SystemExit) as e:  # argparse: usage line + one error line, exit status 2
             main(["compress", "--model", str(model_dir), str(good), "-o", str(tmp_path / "o")] + argv)
-        assert e.value.code == 2
+        assert e.value.code == 2 and argv[0] in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_one_bad_input_among_several_is_named_and_gets_no_output(model_dir, tmp_path, capsys):
+    images = [save(tmp_path / f"{name}.png", rand_image(30, 40, seed=i)) for i, name in enumerate("ac")]
+    (tmp_path / "b.png").write_text("not an image")
+    out = tmp_path / "out"
+    assert main(["compress", "--model", str(model_dir), str(images[0]), str(tmp_path / "b.png"), str(images[1]),
+                 "-o", str(out), "--batch-size", "2"] + STEPS) == 1
+    err = capsys.readouterr().err
+    assert err.count("cod: error:") == 1 and "1 of 3 inputs failed" in err and "b.png: cannot read image" in err
+    assert sorted(p.name for p in out.iterdir()) == ["a.cod", "c.cod"]  # no b.cod, no temporary files
+    (out / "c.cod").write_bytes((out / "c.cod").read_bytes()[:-1])
+    assert main(["decompress", "--model", str(model_dir), str(out), "-o", str(tmp_path / "dec")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("cod: error:") == 1 and "c.cod: file is truncated" in err
+    assert sorted(p.name for p in (tmp_path / "dec").iterdir()) == ["a.png"]
 
 
 def fixture_model(tmp_path):
@@ -181,6 +188,12 @@ def test_evaluate_writes_reports(model_dir, tmp_path, capsys):
     assert header.startswith("image,method,height,width,bytes,bpp_file,bpp_payload,psnr,ms_ssim")
     assert (out / "rd.png").read_bytes()[:4] == b"\x89PNG"
     assert "LPIPS not computed" in capsys.readouterr().out
-    assert main(["evaluate", "--model", str(model_dir), str(src), "--lpips-weights", str(tmp_path / "no.pth"),
-                 "--out-dir", str(tmp_path / "e2")]) == 1
-    assert "alexnet-owt-7be5be79.pth" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["cod", "jpeg", "webp", "avif"] and summary["cod"]["images"] == 1
+    for flag, expected in (("--lpips-weights", "alexnet-owt-7be5be79.pth"), ("--dists-weights", "vgg16-397923af.pth"),
+                           ("--inception-weights", "torch-fidelity")):
+        assert main(["evaluate", "--model", str(model_dir), str(src), flag, str(tmp_path / "no.pth"),
+                     "--out-dir", str(tmp_path / "e2")]) == 1
+        err = capsys.readouterr().err
+        assert err.count("cod: error:") == 1 and expected in err
+    assert not (tmp_path / "e2").exists()

@@ -66,7 +66,7 @@ def main() -> int:
             header, indices = api.parse(model, data, fmt)
             counts["parsed"] += 1
             if counts["parsed"] % args.decode_every == 0 and header.height * header.width <= 1 << 20:
-                api.decode_parsed(model, [(header, indices)], steps=1)
+                next(api.iter_decoded(model, [(header, indices)], steps=1))
                 counts["decoded"] += 1
         except ValueError:
             counts["refused"] += 1

@@ -1,12 +1,17 @@
-"""Images <-> .cod bytes for one model: padding to the model's stride, the container, the official format.
+"""Images <-> .cod bytes for one model: padding to the model's size multiple, the container, the official
+format, and batching.
 
-Every image is encoded on its own, so a file's bytes never depend on which batch it was compressed in; decoding
-also runs file by file by default, because CPU/GPU kernels round differently at other batch sizes and a file
-must always decode to the same pixels.
+Images of equal padded size (and, when decoding, equal sampling options) can be coded together, batch_size at a
+time. Encoding is per sample (convolutions, then a nearest-codebook search), so a batch gives the same bytes as
+one image at a time (tests/test_codec_api.py, tests/test_codec_cli.py). Decoding a batch draws each image's noise
+from its own seeded generator, but matrix products over a larger batch may sum in another order: a pixel can
+then come out one level off from decoding the file alone (about 2 in 100 000 values, measured on CPU). Batch
+size 1, the default, is what makes a file's pixels independent of the files decoded beside it.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -18,9 +23,13 @@ from cod.codec.container import BitstreamError, DecodeParams, Header
 from cod.compat.official_format import read_official, write_official
 
 FORMATS = ("cod", "official")
+# The SDE samplers draw fresh noise at every step from the global RNG, so a file decoded with them would not
+# give the same pixels twice; the codec offers only the deterministic (ODE) samplers.
+CODEC_SAMPLERS = ("adam1", "adam2", "adam3", "adam4", "euler")
 
 
 def _as_array(image) -> np.ndarray:
+    """HxWx3 uint8 array, PIL image, or [3,H,W] tensor (uint8, or float in [0, 1]) -> HxWx3 uint8 array."""
     if isinstance(image, np.ndarray):
         arr = image
     elif isinstance(image, torch.Tensor):
@@ -49,66 +58,100 @@ def payload_size(model, height: int, width: int) -> int:
     return packed_size((ph // model.codec.stride) * (pw // model.codec.stride), model.codec.bits)
 
 
-def _pad(arr: np.ndarray, model) -> torch.Tensor:
-    """uint8 HxWx3 -> [1, 3, H', W'] in [0, 1], padded at the bottom/right by edge replication: the padding
-    continues the border smoothly, so it costs the codec the least and leaks no mirrored structure inward."""
-    H, W = arr.shape[:2]
-    ph, pw = padded_size(model, H, W)
-    x = torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1).float().div(255).unsqueeze(0)
-    if (ph, pw) != (H, W):
-        x = F.pad(x, (0, pw - W, 0, ph - H), mode="replicate")
-    return x
+def batches(keys: Sequence[Hashable], batch_size: int) -> list[list[int]]:
+    """Positions grouped by equal key (groups in order of first appearance), each group cut into chunks of at
+    most batch_size."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    groups: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
 
 
-def _decode_params(model, sampler=None, steps=None, cfg=None, seed=None) -> DecodeParams | None:
-    """Stored only when they differ from the model's defaults (seed 0)."""
-    d = model.config["sampling"]
-    params = DecodeParams(sampler or d["sampler"], int(steps or d["steps"]), float(d["cfg"] if cfg is None else cfg),
-                          int(seed or 0))
-    default = DecodeParams(d["sampler"], int(d["steps"]), float(d["cfg"]), 0)
-    if steps is not None and steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    return None if params == default else params
+def _padded_batch(arrays: list[np.ndarray], model) -> torch.Tensor:
+    """uint8 HxWx3 images of one padded size -> [B, 3, H', W'] in [0, 1], padded at the bottom and right by edge
+    replication. Replication is the one padding defined for every size (reflection cannot pad a 1x1 image to
+    32x32) and it adds no structure: a token that straddles the border sees the border's own colours continued,
+    where mirroring would copy texture and zeros would add a false edge for the codec to spend its bits on."""
+    ph, pw = padded_size(model, *arrays[0].shape[:2])
+    out = []
+    for arr in arrays:
+        H, W = arr.shape[:2]
+        x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255).unsqueeze(0)
+        out.append(F.pad(x, (0, pw - W, 0, ph - H), mode="replicate") if (ph, pw) != (H, W) else x)
+    return torch.cat(out)
 
 
-def compress(model, images, fmt: str = "cod", sampler: str | None = None, steps: int | None = None,
-             cfg: float | None = None, seed: int | None = None) -> list[bytes]:
-    """RGB images (HxWx3 uint8 arrays, PIL images or [3,H,W] tensors) -> one file's bytes each."""
+def _check_sampler(name: str) -> None:
+    if name not in CODEC_SAMPLERS:
+        raise ValueError(f"sampler '{name}' cannot be used for .cod files (choose one of {list(CODEC_SAMPLERS)}: "
+                         f"the SDE samplers are not reproducible)")
+
+
+def stored_params(model, fmt: str = "cod", sampler: str | None = None, steps: int | None = None,
+                  cfg: float | None = None, seed: int | None = None) -> DecodeParams | None:
+    """The decode parameters a file will carry: None when they all equal the model's defaults (seed 0). Raises
+    ValueError for options a file cannot hold, before any coding work."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got '{fmt}'")
-    params = _decode_params(model, sampler, steps, cfg, seed)
-    if params is not None:
-        params.encode()  # validate before any work
-    out = []
-    for image in images:
-        arr = _as_array(image)
-        H, W = arr.shape[:2]
-        if fmt == "official":
-            if (H, W) != padded_size(model, H, W):
-                raise ValueError(f"the official format cannot restore a {H}x{W} image: its sides must be multiples "
-                                 f"of {model.size_multiple} (use the default cod format for any size)")
-            if params is not None:
-                raise ValueError("the official format cannot store sampling options; decode with the same options")
-        indices = model.encode(_pad(arr, model))
-        payload = pack_indices(indices.flatten().cpu().numpy(), model.codec.bits)
-        if fmt == "official":
-            out.append(write_official(payload, H, W))
-        else:
-            out.append(container.write(Header(H, W, container.model_tag(model.fingerprint), params=params),
-                                       payload, model.fingerprint))
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    d = model.config["sampling"]
+    default = DecodeParams(d["sampler"], int(d["steps"]), float(d["cfg"]), 0)
+    params = DecodeParams(sampler or default.sampler, default.steps if steps is None else int(steps),
+                          default.cfg if cfg is None else float(cfg), 0 if seed is None else int(seed))
+    _check_sampler(params.sampler)
+    params.encode()  # refuses what a file cannot hold (steps > 256, seed outside 32 bits, ...)
+    if params == default:
+        return None
+    if fmt == "official":
+        raise ValueError("the official format cannot store sampling options: compress without them and give "
+                         "them to decompress instead")
+    return params
+
+
+def check_compressible(model, height: int, width: int, fmt: str = "cod") -> None:
+    """Raise ValueError unless an image of this size can be written in `fmt` (checked before any coding work)."""
+    container.check_size(height, width)
+    if fmt == "official" and (height, width) != padded_size(model, height, width):
+        raise ValueError(f"the official format cannot restore a {height}x{width} image: its sides must be "
+                         f"multiples of {model.size_multiple} (the default cod format takes any size)")
+
+
+def compress(model, images, fmt: str = "cod", batch_size: int = 1, sampler: str | None = None,
+             steps: int | None = None, cfg: float | None = None, seed: int | None = None) -> list[bytes]:
+    """RGB images (HxWx3 uint8 arrays, PIL images, [3,H,W] tensors or a [B,3,H,W] float batch), any size ->
+    one file's bytes each. Sampling options are stored in the file when they differ from the model's defaults."""
+    params = stored_params(model, fmt, sampler, steps, cfg, seed)
+    arrays = [_as_array(image) for image in images]
+    for arr in arrays:
+        check_compressible(model, *arr.shape[:2], fmt)
+    out: list[bytes] = [b""] * len(arrays)
+    for group in batches([padded_size(model, *a.shape[:2]) for a in arrays], batch_size):
+        indices = model.encode(_padded_batch([arrays[i] for i in group], model)).cpu().numpy()
+        for i, idx in zip(group, indices):
+            H, W = arrays[i].shape[:2]
+            payload = pack_indices(idx, model.codec.bits)
+            out[i] = (write_official(payload, H, W) if fmt == "official" else
+                      container.write(Header(H, W, container.model_tag(model.fingerprint), params=params),
+                                      payload, model.fingerprint))
     return out
 
 
 def parse(model, data: bytes, fmt: str = "cod") -> tuple[Header, np.ndarray]:
     """File bytes -> (header, indices [h, w]) after every check; raises BitstreamError/ValueError."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got '{fmt}'")
     if fmt == "official":
         H, W, payload = read_official(data)
         if (H, W) != padded_size(model, H, W):
             raise BitstreamError(f"official file says {H}x{W}, which is not a multiple of this model's "
-                                 f"{model.size_multiple}-pixel stride: wrong model or corrupted file")
+                                 f"{model.size_multiple}-pixel size multiple: wrong model or corrupted file")
         need = payload_size(model, H, W)
         if len(payload) != need:
-            raise BitstreamError(f"official file holds {len(payload)} payload bytes; a {H}x{W} image needs {need}")
+            raise BitstreamError(f"official file holds {len(payload)} payload bytes; a {H}x{W} image needs {need} "
+                                 f"with this model (truncated, corrupted, or another model's file)")
         header = Header(H, W, container.model_tag(model.fingerprint))
     else:
         header, payload = container.read(data, model.fingerprint, lambda h, w: payload_size(model, h, w))
@@ -120,22 +163,39 @@ def parse(model, data: bytes, fmt: str = "cod") -> tuple[Header, np.ndarray]:
     return header, indices
 
 
-def decompress(model, data: bytes, fmt: str = "cod", **overrides) -> np.ndarray:
-    """File bytes -> HxWx3 uint8 image at the exact original size."""
-    header, indices = parse(model, data, fmt)
-    return decode_parsed(model, [(header, indices)], **overrides)[0]
-
-
-def decode_parsed(model, items: list[tuple[Header, np.ndarray]], **overrides) -> list[np.ndarray]:
-    """Decode parsed files that share a padded size and decode parameters in one batch."""
-    header = items[0][0]
+def decode_options(header: Header, sampler: str | None = None, steps: int | None = None, cfg: float | None = None,
+                   seed: int | None = None) -> tuple[dict, int]:
+    """Sampling options for a file: explicit overrides, else the file's stored parameters, else the model's
+    defaults (left out of the dict) -> (options for model.decode, seed)."""
     p = header.params
     options = {"sampler": p.sampler, "steps": p.steps, "cfg": p.cfg} if p else {}
-    options.update({k: v for k, v in overrides.items() if v is not None})
-    seed = options.pop("seed", None)
-    seed = seed if seed is not None else (p.seed if p else 0)
-    ph, pw = padded_size(model, header.height, header.width)
-    idx = torch.from_numpy(np.stack([i for _, i in items]))
-    images = model.decode(idx, ph, pw, seeds=seed, **options)
-    return [img[:, : h.height, : h.width].permute(1, 2, 0).cpu().numpy().copy()
-            for img, (h, _) in zip(images, items)]
+    options.update({k: v for k, v in (("sampler", sampler), ("steps", steps), ("cfg", cfg)) if v is not None})
+    if "sampler" in options:
+        _check_sampler(options["sampler"])
+    if options.get("steps", 1) < 1:
+        raise ValueError(f"steps must be at least 1, got {options['steps']}")
+    if not math.isfinite(options.get("cfg", 0.0)):
+        raise ValueError(f"guidance scale must be a finite number, got {options['cfg']}")
+    return options, seed if seed is not None else (p.seed if p else 0)
+
+
+def iter_decoded(model, items: list[tuple[Header, np.ndarray]], batch_size: int = 1,
+                 **overrides) -> Iterator[tuple[int, np.ndarray]]:
+    """Parsed files -> (position in items, HxWx3 uint8 image at its original size), batch by batch: files of
+    equal padded size and sampling options are decoded together, batch_size at a time. overrides: sampler,
+    steps, cfg, seed (all checked before the first batch is sampled)."""
+    resolved = [decode_options(header, **overrides) for header, _ in items]
+    keys = [(padded_size(model, h.height, h.width), tuple(sorted(opts.items())))
+            for (h, _), (opts, _) in zip(items, resolved)]
+    for group in batches(keys, batch_size):
+        (ph, pw), options = keys[group[0]][0], resolved[group[0]][0]
+        idx = torch.from_numpy(np.stack([items[i][1] for i in group]))
+        images = model.decode(idx, ph, pw, seeds=[resolved[i][1] for i in group], **options).cpu()
+        for i, img in zip(group, images):
+            h = items[i][0]
+            yield i, img[:, : h.height, : h.width].permute(1, 2, 0).numpy().copy()
+
+
+def decompress(model, data: bytes, fmt: str = "cod", **overrides) -> np.ndarray:
+    """File bytes -> HxWx3 uint8 image at the exact original size. overrides: sampler, steps, cfg, seed."""
+    return next(iter_decoded(model, [parse(model, data, fmt)], **overrides))[1]

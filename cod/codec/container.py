@@ -21,6 +21,7 @@ FORMAT_VERSION = 1
 PAYLOAD_FIXED = 0      # fixed-length indices (cod.codec.bitpack)
 PAYLOAD_ENTROPY = 1    # reserved for the entropy-coded mode
 MAX_SIDE = 1 << 16
+FLOAT16_MAX = 65504.0  # largest finite IEEE half: the guidance scale is stored as one
 # Decode-parameter sampler ids: append only, never renumber (files store these numbers).
 SAMPLER_IDS = ("adam2", "adam1", "adam3", "adam4", "euler", "euler_sde", "euler_sde_mean", "euler_sde_preserve")
 
@@ -45,6 +46,9 @@ class DecodeParams:
             raise ValueError(f"steps must be 1-256 to be stored in a .cod file, got {self.steps}")
         if not 0 <= self.seed < 1 << 32:
             raise ValueError(f"seed must be in [0, 2^32), got {self.seed}")
+        if not abs(self.cfg) <= FLOAT16_MAX:  # also refuses NaN, which no reader would accept
+            raise ValueError(f"guidance scale must be a finite number within +-{FLOAT16_MAX:g} to be stored in a "
+                             f".cod file (IEEE half precision), got {self.cfg}")
         return bytes([SAMPLER_IDS.index(self.sampler), self.steps - 1]) + struct.pack("<e", self.cfg) + \
             _varint(self.seed)
 
@@ -62,6 +66,12 @@ def model_tag(fingerprint: str) -> int:
     return bytes.fromhex(fingerprint)[0]
 
 
+def check_size(height: int, width: int) -> None:
+    """Raise ValueError unless a v1 header can hold this size (checked before any coding work)."""
+    if not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE):
+        raise ValueError(f"image size {height}x{width} is outside what a .cod file holds (sides 1..{MAX_SIDE})")
+
+
 def _varint(value: int) -> bytes:
     out = bytearray()
     while True:
@@ -72,16 +82,20 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _read_varint(data: bytes, pos: int, max_bytes: int = 5) -> tuple[int, int]:
+def _read_seed(data: bytes, pos: int) -> tuple[int, int]:
+    """The seed varint at `pos` -> (seed, position after it). Only the shortest encoding of a value below 2^32
+    is accepted, so every seed has exactly one byte string (the writer's) and the payload offset is unambiguous."""
     value = 0
-    for i in range(max_bytes):
+    for i in range(5):
         if pos + i >= len(data):
             raise BitstreamError("file ends inside the decode parameters (truncated)")
         byte = data[pos + i]
         value |= (byte & 0x7F) << (7 * i)
         if not byte & 0x80:
+            if (i and not byte) or value >= 1 << 32:
+                break
             return value, pos + i + 1
-    raise BitstreamError("malformed seed in the decode parameters")
+    raise BitstreamError("malformed seed in the decode parameters (corrupted file)")
 
 
 def _check_byte(fingerprint: str, body: bytes) -> int:
@@ -89,8 +103,7 @@ def _check_byte(fingerprint: str, body: bytes) -> int:
 
 
 def _header_bits(h: Header) -> bytes:
-    if not (1 <= h.height <= MAX_SIDE and 1 <= h.width <= MAX_SIDE):
-        raise ValueError(f"image size {h.height}x{h.width} is outside 1..{MAX_SIDE}")
+    check_size(h.height, h.width)
     n = max((h.height - 1).bit_length(), (h.width - 1).bit_length(), 1)
     fields = [(FORMAT_VERSION, 3), (h.payload_mode, 1), (h.params is not None, 1), (n - 1, 4),
               (h.height - 1, n), (h.width - 1, n), (h.model_tag, 8)]
@@ -110,8 +123,8 @@ def write(header: Header, payload: bytes, fingerprint: str) -> bytes:
     return head + bytes([check]) + body_after_check
 
 
-def read_header(data: bytes) -> tuple[Header, int]:
-    """Parse the header (no integrity check yet) -> (header, offset of the check byte)."""
+def read_header(data: bytes) -> tuple[Header, int, int]:
+    """Parse the header (no integrity check yet) -> (header, offset of the check byte, offset of the payload)."""
     data = bytes(data)
     if len(data) < 2:
         raise BitstreamError(f"a .cod file has at least 2 bytes; got {len(data)}")
@@ -145,9 +158,9 @@ def read_header(data: bytes) -> tuple[Header, int]:
         (cfg,) = struct.unpack("<e", data[pos + 2:pos + 4])
         if cfg != cfg or abs(cfg) == float("inf"):
             raise BitstreamError("invalid guidance scale in the decode parameters")
-        seed, pos = _read_varint(data, pos + 4)
+        seed, pos = _read_seed(data, pos + 4)
         params = DecodeParams(SAMPLER_IDS[sampler_id], steps_m1 + 1, float(cfg), seed)
-    return Header(height, width, tag, mode, params), head_len
+    return Header(height, width, tag, mode, params), head_len, pos
 
 
 def read(data: bytes, fingerprint: str, payload_size) -> tuple[Header, bytes]:
@@ -156,11 +169,11 @@ def read(data: bytes, fingerprint: str, payload_size) -> tuple[Header, bytes]:
     payload_size(height, width) -> the exact payload length that model writes for that size.
     """
     data = bytes(data)
-    header, check_pos = read_header(data)
+    header, check_pos, start = read_header(data)
     if header.model_tag != model_tag(fingerprint):
-        raise BitstreamError(f"this file was written by another model (tag {header.model_tag:02x}, this model's "
-                             f"is {model_tag(fingerprint):02x}): decode it with the model that compressed it")
-    start = check_pos + 1 + (len(header.params.encode()) if header.params else 0)
+        raise BitstreamError(f"this file was written by another model (its model tag is {header.model_tag:02x}; "
+                             f"this model's fingerprint is {fingerprint[:16]}..., tag {fingerprint[:2]}): decode it "
+                             f"with the model that compressed it")
     need = payload_size(header.height, header.width)
     if len(data) - start < need:
         raise BitstreamError(f"file is truncated: payload has {max(0, len(data) - start)} of {need} bytes")

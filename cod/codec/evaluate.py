@@ -1,12 +1,16 @@
 """`cod evaluate`: rate and distortion of CoD next to classical codecs at matched file size.
 
-Per image: payload bpp and whole-file bpp, PSNR and MS-SSIM always; LPIPS when the AlexNet backbone weights are
-given by local path. The anchors (JPEG, WebP, AVIF through Pillow) are searched for the quality whose file is
-the largest not above CoD's file; at CoD's rates they usually cannot get that small, and then their smallest
-file is reported and flagged (`matched = False`).
+Per image: payload bpp and whole-file bpp, PSNR and MS-SSIM always; LPIPS (AlexNet) and DISTS (VGG16) when their
+ImageNet backbone weights are given by local path (nothing is ever downloaded). The anchors (JPEG, WebP, AVIF
+through Pillow) are searched for the quality whose file is the largest not above CoD's file; at CoD's rates they
+usually cannot get that small, and then their smallest file is reported and flagged (`matched = False`).
+
+Patch FID/KID (HiFiC protocol) is not available: torchmetrics computes them through the torch-fidelity package,
+which this environment does not ship.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -14,6 +18,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +28,21 @@ from PIL import Image
 from cod.model import atomic_write_bytes
 
 ANCHORS = {"jpeg": ("JPEG", 1, 95), "webp": ("WEBP", 0, 100), "avif": ("AVIF", 0, 100)}
-LPIPS_HINT = ("LPIPS needs the torchvision AlexNet weights: download "
-              "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth and pass it with --lpips-weights")
-UNSUPPORTED = {
-    "dists": "DISTS is not implemented in this version of cod",
-    "fid": "patch FID/KID is not implemented in this version of cod (it needs Inception weights and torch-fidelity)",
+# Perceptual metrics: the torchvision backbone file torchmetrics loads, and where to get it.
+BACKBONES = {
+    "lpips": ("alexnet-owt-7be5be79.pth", "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),
+    "dists": ("vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth"),
 }
+FID_UNAVAILABLE = ("patch FID/KID needs the torch-fidelity package (torchmetrics computes them through it), which "
+                   "is not installed; install torch-fidelity to use --inception-weights")
+METRICS = ("psnr", "ms_ssim", *BACKBONES)
+MS_SSIM_MIN_SIDE = 176
+
+
+def weights_hint(metric: str) -> str:
+    filename, url = BACKBONES[metric]
+    return f"{metric.upper()} needs the torchvision weights {filename}: download {url} and pass its path with " \
+           f"--{metric}-weights"
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -37,42 +51,66 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def ms_ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """MS-SSIM (5 scales, 11x11 Gaussian window); NaN for images too small for 5 scales (side < 161)."""
+    """MS-SSIM (5 scales, 11x11 Gaussian window); NaN for images too small for that: torchmetrics needs
+    side // 16 > 10 (the window must fit the coarsest scale), i.e. sides of at least 176 pixels."""
     from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as msssim
 
-    if min(a.shape[:2]) < 161:
+    if min(a.shape[:2]) < MS_SSIM_MIN_SIDE:
         return float("nan")
-    ta, tb = (torch.from_numpy(np.array(x)).permute(2, 0, 1)[None].double() for x in (a, b))
+    ta, tb = (torch.tensor(x).permute(2, 0, 1)[None].double() for x in (a, b))  # a copy: x may be read-only
     return float(msssim(ta, tb, data_range=255.0))
 
 
-class LPIPSMetric:
-    """torchmetrics' LPIPS (AlexNet) with the backbone read from a local file; never downloads."""
-
-    def __init__(self, weights: str | os.PathLike):
-        weights = Path(weights)
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights} not found. {LPIPS_HINT}")
-        self._home = tempfile.mkdtemp(prefix="cod-torchhub-")
-        ckpt = Path(self._home) / "hub" / "checkpoints"
-        ckpt.mkdir(parents=True)
-        shutil.copy(weights, ckpt / "alexnet-owt-7be5be79.pth")
-        old = os.environ.get("TORCH_HOME")
-        os.environ["TORCH_HOME"] = self._home
+@contextlib.contextmanager
+def _local_torch_hub(weights: Path, filename: str) -> Iterator[None]:
+    """torchvision looks for pretrained backbones in $TORCH_HOME/hub/checkpoints/<filename> and downloads them
+    when absent: a private TORCH_HOME holding the user's file under that name makes it load that file and never
+    touch the network."""
+    with tempfile.TemporaryDirectory(prefix="cod-torchhub-") as home:
+        target = Path(home, "hub", "checkpoints", filename)
+        target.parent.mkdir(parents=True)
         try:
-            from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
-
-            self.metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
+            target.symlink_to(weights.resolve())
+        except OSError:  # no symlinks (some Windows setups)
+            shutil.copy(weights, target)
+        old = os.environ.get("TORCH_HOME")
+        os.environ["TORCH_HOME"] = home
+        try:
+            yield
         finally:
             if old is None:
                 os.environ.pop("TORCH_HOME", None)
             else:
                 os.environ["TORCH_HOME"] = old
 
+
+class PerceptualMetric:
+    """LPIPS or DISTS as implemented by torchmetrics, its backbone read from a local weights file."""
+
+    def __init__(self, metric: str, weights: str | os.PathLike):
+        weights = Path(weights)
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} not found. {weights_hint(metric)}")
+        with _local_torch_hub(weights, BACKBONES[metric][0]):
+            try:
+                if metric == "lpips":
+                    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+                    lpips = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True).net
+                    self.net = lambda x, y: lpips(x, y, normalize=True)
+                else:
+                    from torchmetrics.functional.image.dists import DISTSNetwork
+
+                    self.net = DISTSNetwork().eval()
+            except Exception as e:  # noqa: BLE001 - any failure here means the file is not the expected backbone
+                reason = " ".join(str(e).split())  # the CLI error stays on one line
+                raise ValueError(f"{weights}: cannot load it as the {metric.upper()} backbone ({reason}). "
+                                 f"{weights_hint(metric)}") from None
+
     def __call__(self, a: np.ndarray, b: np.ndarray) -> float:
-        ta, tb = (torch.from_numpy(np.array(x)).permute(2, 0, 1)[None].float() / 255 for x in (a, b))
+        ta, tb = (torch.tensor(x).permute(2, 0, 1)[None].float() / 255 for x in (a, b))
         with torch.no_grad():
-            return float(self.metric(ta, tb))
+            return float(self.net(ta, tb))
 
 
 def encode_anchor(image: np.ndarray, codec: str, quality: int) -> bytes:
@@ -103,63 +141,76 @@ def matched_anchor(image: np.ndarray, codec: str, target_bytes: int) -> dict:
     return {"bytes": len(best), "quality": quality, "matched": matched, "recon": recon}
 
 
-def evaluate(model, paths: list[Path], out_dir: Path, anchors: tuple[str, ...] = ("jpeg", "webp", "avif"),
-             lpips_weights: str | None = None, progress=None, **sampling) -> dict:
+def evaluate(model, paths: list[Path], out_dir: Path, anchors: tuple[str, ...] = tuple(ANCHORS),
+             weights: dict[str, str] | None = None, progress=None, **sampling) -> dict:
+    """Compress and decompress each image with CoD (sampling: sampler/steps/cfg/seed, stored in the file), run
+    the anchors at matched size, and write per_image.csv/json, summary.json and rd.png to out_dir.
+    weights: {"lpips" | "dists": local backbone file} for the perceptual metrics to report."""
     from cod.codec import api
     from cod.codec.images import read_image
 
-    lpips = LPIPSMetric(lpips_weights) if lpips_weights else None
+    perceptual = {name: PerceptualMetric(name, path) for name, path in (weights or {}).items() if path}
     rows = []
-    iterator = progress(paths) if progress else paths
-    for path in iterator:
+    for path in progress(paths) if progress else paths:
         image = read_image(path)
         H, W = image.shape[:2]
         data = api.compress(model, [image], **sampling)[0]
         recon = api.decompress(model, data)
-        header_bytes = len(data) - api.payload_size(model, H, W)
-        row = {"image": str(path), "method": "cod", "height": H, "width": W, "bytes": len(data),
-               "bpp_file": 8 * len(data) / (H * W), "bpp_payload": 8 * (len(data) - header_bytes) / (H * W),
-               "psnr": psnr(image, recon), "ms_ssim": ms_ssim(image, recon), "matched": True, "quality": ""}
-        if lpips:
-            row["lpips"] = lpips(image, recon)
-        rows.append(row)
+        rows.append(_row(path, "cod", image, recon, len(data), api.payload_size(model, H, W), True, "", perceptual))
         for codec in anchors:
             a = matched_anchor(image, codec, len(data))
-            arow = {"image": str(path), "method": codec, "height": H, "width": W, "bytes": a["bytes"],
-                    "bpp_file": 8 * a["bytes"] / (H * W), "bpp_payload": 8 * a["bytes"] / (H * W),
-                    "psnr": psnr(image, a["recon"]), "ms_ssim": ms_ssim(image, a["recon"]),
-                    "matched": a["matched"], "quality": a["quality"]}
-            if lpips:
-                arow["lpips"] = lpips(image, a["recon"])
-            rows.append(arow)
+            rows.append(_row(path, codec, image, a["recon"], a["bytes"], a["bytes"], a["matched"], a["quality"],
+                             perceptual))
     summary = summarize(rows)
     write_reports(rows, summary, out_dir)
     return {"rows": rows, "summary": summary}
 
 
+def _row(path: Path, method: str, image: np.ndarray, recon: np.ndarray, file_bytes: int, payload_bytes: int,
+         matched: bool, quality, perceptual: dict) -> dict:
+    pixels = image.shape[0] * image.shape[1]
+    row = {"image": str(path), "method": method, "height": image.shape[0], "width": image.shape[1],
+           "bytes": file_bytes, "bpp_file": 8 * file_bytes / pixels, "bpp_payload": 8 * payload_bytes / pixels,
+           "psnr": psnr(image, recon), "ms_ssim": ms_ssim(image, recon)}
+    row.update({name: metric(image, recon) for name, metric in perceptual.items()})
+    return {**row, "matched": matched, "quality": quality}
+
+
 def summarize(rows: list[dict]) -> dict:
+    """Mean per method of every metric over the images where it is finite (MS-SSIM is NaN for small images)."""
     out = {}
     for method in dict.fromkeys(r["method"] for r in rows):
         sel = [r for r in rows if r["method"] == method]
         entry = {"images": len(sel), "all_matched": all(r["matched"] for r in sel)}
-        for key in ("bpp_file", "bpp_payload", "psnr", "ms_ssim", "lpips"):
-            values = [r[key] for r in sel if key in r and not (isinstance(r[key], float) and math.isnan(r[key]))]
+        for key in ("bpp_file", "bpp_payload", *METRICS):
+            values = [r[key] for r in sel if key in r and math.isfinite(r[key])]
             if values:
                 entry[key] = float(np.mean(values))
         out[method] = entry
     return out
 
 
+def _json(obj) -> bytes:
+    """JSON with null for NaN/inf (which strict JSON readers refuse)."""
+    def clean(v):
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    return (json.dumps(clean(obj), indent=1) + "\n").encode()
+
+
 def write_reports(rows: list[dict], summary: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    keys = list(dict.fromkeys(k for r in rows for k in r))
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(out_dir / "per_image.csv", buf.getvalue().encode())
-    atomic_write_bytes(out_dir / "per_image.json", (json.dumps(rows, indent=1) + "\n").encode())
-    atomic_write_bytes(out_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    atomic_write_bytes(out_dir / "per_image.json", _json(rows))
+    atomic_write_bytes(out_dir / "summary.json", _json(summary))
     atomic_write_bytes(out_dir / "rd.png", rd_plot(rows))
 
 

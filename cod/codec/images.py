@@ -13,7 +13,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from cod.model import atomic_write_bytes
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
-Image.MAX_IMAGE_PIXELS = 1 << 28  # refuse decompression bombs beyond ~268 MP with a clear error
+# Pillow warns above this many pixels and refuses twice as many (a decompression bomb): 268 MP still opens.
+Image.MAX_IMAGE_PIXELS = 1 << 28
 
 
 def to_rgb8(img: Image.Image, name: str = "image") -> np.ndarray:
@@ -34,20 +35,9 @@ def to_rgb8(img: Image.Image, name: str = "image") -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
 
 
-def _load_16bit_png(path: Path) -> np.ndarray | None:
-    """Pillow opens 16-bit RGB PNGs as 8-bit; read those through scikit-image to keep their full range."""
-    try:
-        from skimage import io as skio
-
-        arr = skio.imread(str(path))
-    except Exception:  # noqa: BLE001 - Pillow's reading stays the source of truth
-        return None
-    if arr.dtype == np.uint16 and arr.ndim == 3 and arr.shape[2] in (3, 4):
-        return np.round(arr[..., :3] / 257.0).astype(np.uint8)
-    return None
-
-
 def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file -> HxWx3 uint8 RGB (see to_rgb8). 16-bit RGB files reach us already reduced to 8 bits by
+    Pillow (high byte); 16-bit grayscale is rescaled here. Any failure names the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such image file")
@@ -56,10 +46,6 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            if path.suffix.lower() == ".png" and img.mode == "RGB" and img.info.get("bitdepth", 8) == 16:
-                wide = _load_16bit_png(path)
-                if wide is not None:
-                    return wide
             with warnings.catch_warnings():
                 warnings.simplefilter("always")
                 return to_rgb8(img, str(path))
@@ -67,14 +53,15 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"{path}: cannot read image ({e})") from None
 
 
-def collect_inputs(inputs: list[str], suffixes: set[str] | None = IMAGE_SUFFIXES, recursive: bool = True) -> list[Path]:
-    """Files, directories (their matching files, sorted) and glob patterns -> paths, in order, no duplicates."""
+def collect_inputs(inputs: list[str], suffixes: set[str] = IMAGE_SUFFIXES, recursive: bool = False) -> list[Path]:
+    """Files, directories (their files with one of `suffixes`, sorted; subfolders too when recursive) and glob
+    patterns -> paths, in order, no duplicates. Files named explicitly are taken whatever their suffix."""
     out: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
             pattern = "**/*" if recursive else "*"
-            found = sorted(f for f in p.glob(pattern) if f.is_file() and (suffixes is None or f.suffix.lower() in suffixes))
+            found = sorted(f for f in p.glob(pattern) if f.is_file() and f.suffix.lower() in suffixes)
             if not found:
                 raise ValueError(f"{p}: directory holds no matching files")
             out.extend(found)
