@@ -15,11 +15,11 @@ from conftest import ROOT, TRAIN256, require
 SCRIPT = ROOT / "tests" / "helpers" / "train_steps.py"
 
 
-def run(*args) -> list[float]:
+def run(*args, expect_rc: int = 0) -> list[float]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(SCRIPT), str(require(TRAIN256)), *args], capture_output=True,
                          text=True, timeout=600, env=env, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == expect_rc, out.stderr[-3000:]
     line = next(l for l in out.stdout.splitlines() if l.startswith("LOSSES "))
     return json.loads(line[len("LOSSES "):])
 
@@ -31,3 +31,16 @@ def test_ddp_two_processes_match_one_process_on_the_global_batch():
     assert single[0] == pytest.approx(ddp[0], rel=1e-5)      # same samples, same noise
     assert single[1:] == pytest.approx(ddp[1:], rel=1e-4)    # same averaged gradients, same updates
     assert single[0] != pytest.approx(single[2], rel=1e-3)   # and training moved
+
+
+def test_sigkill_and_resume_continue_with_the_uninterrupted_losses(tmp_path):
+    """A run killed with SIGKILL after step 5 (last checkpoint at step 3) and resumed from that checkpoint trains
+    steps 4-8 exactly as the uninterrupted run: optimizer, EMA, step, noise and data position are restored."""
+    full = run("--batch", "4", "--steps", "8")
+    ckpt = tmp_path / "ckpt"
+    crashed = run("--batch", "4", "--steps", "8", "--ckpt-dir", str(ckpt), "--ckpt-every", "3", "--kill-at", "5",
+                  expect_rc=-9)
+    assert crashed == pytest.approx(full[:5], rel=1e-6)
+    resumed = run("--batch", "4", "--steps", "8", "--resume", str(ckpt / "last.ckpt"))
+    assert len(resumed) == 5
+    assert resumed == pytest.approx(full[3:], rel=1e-5)

@@ -22,7 +22,7 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from cod.codec.images import IMAGE_SUFFIXES, to_rgb8
 
@@ -191,6 +191,53 @@ def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([b[0] for b in kept]), torch.tensor([b[1] for b in kept], dtype=torch.long)
 
 
+class EpochSampler(Sampler[int]):
+    """Sample order as a function of (seed, epoch) alone, sharded rank::world, resumable mid-epoch.
+
+    Every rank draws the same permutation and takes every world-th index, so one process with the global batch
+    sees, step by step, the union of what the ranks see. `skip` drops the samples consumed before a resume.
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+                 if self.shuffle else list(range(self.n)))
+        skip, self.skip = self.skip, 0
+        return iter(order[self.rank:: self.world][skip:])
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world)) - self.skip
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position in the epoch goes into Lightning checkpoints (state_dict / load_state_dict), so
+    that a run resumed after a crash continues with the very batch it would have trained next."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._consumed = 0
+
+    def __iter__(self):
+        self._consumed = self.sampler.skip
+        for batch in super().__iter__():
+            self._consumed += self.batch_size
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "consumed": self._consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.set_epoch(state["epoch"])
+        self.sampler.skip = state["consumed"]
+        self._consumed = state["consumed"]
+
+
 class ImageDataModule(L.LightningDataModule):
     def __init__(self, train: str = "../shared/data/train256", val: str | None = None, size: int = 256,
                  batch_size: int = 8, val_batch_size: int | None = None, num_workers: int = 0, seed: int = 0,
@@ -209,11 +256,16 @@ class ImageDataModule(L.LightningDataModule):
         self.val_set = val
 
     def train_dataloader(self):
-        iterable = isinstance(self.train_set, IterableDataset)
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=self.hparams.shuffle and not iterable,
-                          num_workers=self.hparams.num_workers, collate_fn=collate_skipping, drop_last=True,
-                          generator=torch.Generator().manual_seed(self.hparams.seed),
-                          persistent_workers=self.hparams.num_workers > 0)
+        h = self.hparams
+        if isinstance(self.train_set, IterableDataset):  # shards are split by rank and worker in the dataset
+            return DataLoader(self.train_set, batch_size=h.batch_size, num_workers=h.num_workers,
+                              collate_fn=collate_skipping, drop_last=True, persistent_workers=h.num_workers > 0)
+        rank = self.trainer.global_rank if self.trainer else 0
+        world = self.trainer.world_size if self.trainer else 1
+        sampler = EpochSampler(len(self.train_set), h.shuffle, h.seed, rank, world)
+        return ResumableDataLoader(self.train_set, batch_size=h.batch_size, sampler=sampler,
+                                   num_workers=h.num_workers, collate_fn=collate_skipping, drop_last=True,
+                                   persistent_workers=h.num_workers > 0)
 
     def val_dataloader(self):
         return DataLoader(self.val_set, batch_size=self.hparams.val_batch_size or self.hparams.batch_size,

@@ -5,8 +5,11 @@ Used by tests/test_training_distributed.py; a script because Lightning's DDP rel
 """
 import argparse
 import json
+import os
+import signal
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from cod.training.data import ImageDataModule
 from cod.training.module import CoDTrainingModule
@@ -20,6 +23,16 @@ class GlobalLoss(L.Callback):
         self.losses.append(float(trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")))
 
 
+class Crash(L.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            print("LOSSES " + json.dumps(trainer.callbacks[0].losses), flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("data")
@@ -27,27 +40,25 @@ def main():
     ap.add_argument("--strategy", default="auto")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--ckpt-dir", help="save last.ckpt here every --ckpt-every steps")
+    ap.add_argument("--ckpt-every", type=int, default=3)
+    ap.add_argument("--kill-at", type=int, help="SIGKILL this process after this step (a crash)")
+    ap.add_argument("--resume", help="checkpoint to resume from")
     a = ap.parse_args()
     L.seed_everything(0, verbose=False)
     module = CoDTrainingModule("tiny-pixel", lr=1e-3, null_condition_p=0.0, ema_decay=0.9)
-    data = ImageDataModule(a.data, size=32, batch_size=a.batch, shuffle=False)
+    data = ImageDataModule(a.data, size=32, batch_size=a.batch)
     record = GlobalLoss()
+    callbacks = [record]
+    if a.ckpt_dir:
+        callbacks.append(ModelCheckpoint(dirpath=a.ckpt_dir, every_n_train_steps=a.ckpt_every, save_last=True))
+    if a.kill_at:
+        callbacks.append(Crash(a.kill_at))
     trainer = L.Trainer(accelerator="cpu", devices=a.devices, strategy=a.strategy, max_steps=a.steps,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[record])
-    if a.devices == 1:
-        # Lightning gives each DDP rank a shuffled DistributedSampler (seed 0); the same sampler with one
-        # replica yields exactly the union of the ranks' batches, step by step.
-        from torch.utils.data import DataLoader, DistributedSampler
-
-        from cod.training.data import collate_skipping
-
-        data.setup("fit")
-        loader = DataLoader(data.train_set, batch_size=a.batch, collate_fn=collate_skipping, drop_last=True,
-                            sampler=DistributedSampler(data.train_set, num_replicas=1, rank=0, shuffle=True, seed=0))
-        trainer.fit(module, loader)
-    else:
-        trainer.fit(module, data)
+                        logger=False, enable_checkpointing=bool(a.ckpt_dir), enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks,
+                        use_distributed_sampler=False)
+    trainer.fit(module, data, ckpt_path=a.resume)
     if trainer.is_global_zero:
         print("LOSSES " + json.dumps(record.losses))
 
