@@ -7,13 +7,14 @@ checkpoints export to model directories unchanged); the three stages of the code
 """
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cod.diffusion.losses import CoDObjective, TrainingDraws
 from cod.model import CoDModel, build_config, build_denoiser, load, load_state_strict
@@ -21,6 +22,21 @@ from cod.models.presets import get_preset
 from cod.training.repa import build_repa_teacher
 
 RECON_DIM = {"pixel": (3, 16, 16), "latent": (4, 2, 2)}
+
+
+class EMA(nn.Module):
+    """Exponential moving average of a module's parameters, updated in place with one fused lerp per step;
+    `.module` is the averaged copy, starting from the initial weights (its keys: `ema.module.*`)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__()
+        self.decay = decay
+        self.module = copy.deepcopy(model).requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in model.parameters()],
+                             1 - self.decay)
 
 
 class CoDTrainingModule(L.LightningModule):
@@ -55,8 +71,7 @@ class CoDTrainingModule(L.LightningModule):
             align_layer=align, feat_loss_weight=0.5 if self.teacher.enabled else 0.0,
             null_condition_p=null_condition_p, one_step_mse_weight=one_step_mse_weight,
             codec_loss_masking=codec_loss_masking)
-        self.ema = AveragedModel(self.denoiser, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
-        self.ema.requires_grad_(False)
+        self.ema = EMA(self.denoiser, ema_decay)
         self._step_started = None
 
     # ---- the codec's parts ------------------------------------------------------------------------------
@@ -136,7 +151,7 @@ class CoDTrainingModule(L.LightningModule):
 
     def on_before_zero_grad(self, optimizer):
         # runs once per optimizer step (after it), also under gradient accumulation
-        self.ema.update_parameters(self.denoiser)
+        self.ema.update(self.denoiser)
 
     def validation_step(self, batch, batch_idx):
         if batch[0].numel() == 0:
