@@ -2,7 +2,6 @@
 every kind of mismatch stops with a message that names the problem."""
 from __future__ import annotations
 
-import pickle
 
 import pytest
 import torch

@@ -2,7 +2,6 @@
 conf/ composes and instantiates, unreadable images are skipped, stage chaining and model export work."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -129,3 +128,17 @@ def test_stage_chaining_from_a_model_directory(tmp_path):
     s2 = stage2.denoiser.state_dict()
     assert all(torch.equal(v, s2[k]) for k, v in s1.items())
     assert any(".decoder.ada." in k for k in s2) and not any(".decoder.ada." in k for k in s1)
+
+
+def test_training_crops_change_with_the_epoch_and_stay_reproducible(tmp_path):
+    from cod.training.data import EpochSampler
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    ds = FolderDataset(str(tmp_path), size=32)
+    sampler = EpochSampler(len(ds), shuffle=True, seed=0)
+    first = [ds[key][0] for key in sampler]
+    sampler.set_epoch(1)
+    second = [ds[key][0] for key in sampler]
+    assert list(EpochSampler(1, True, 0)) == [(0, 0)]
+    assert not torch.equal(first[0], second[0])
+    assert torch.equal(ds[(0, 1)][0], second[0])

@@ -11,14 +11,12 @@ import random
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import cod  # noqa: E402
-from cod.codec import api  # noqa: E402
+import cod
+from cod.codec import api
 
 
 def mutate(rng: random.Random, data: bytes) -> bytes:

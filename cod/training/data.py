@@ -66,6 +66,17 @@ def decode_bytes(data: bytes, name: str) -> np.ndarray | None:
         return None
 
 
+def _split_key(key) -> tuple[int, int]:
+    """Map-style keys are (index, epoch) from EpochSampler, or a plain index (validation, Subset)."""
+    return (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), 0)
+
+
+def _crop_rng(seed: int, epoch: int, index: int, train: bool) -> random.Random:
+    """Training crops are a function of (seed, epoch, index): new every epoch, reproducible, resumable, and the
+    same in every dataloader worker (the epoch travels with the key, not as dataset state)."""
+    return random.Random(hash((seed, epoch, index)) if train else index)
+
+
 class FolderDataset(Dataset):
     def __init__(self, root: str, size: int, train: bool = True, seed: int = 0):
         root_path = Path(root).expanduser()
@@ -75,14 +86,13 @@ class FolderDataset(Dataset):
         if not self.files:
             raise ValueError(f"{root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         self.size, self.train, self.seed = size, train, seed
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int):
-        # Crops are a function of (seed, epoch, index): reproducible, and resumable mid-run.
-        rng = random.Random(hash((self.seed, self.epoch, i)) if self.train else i)
+    def __getitem__(self, key):
+        i, epoch = _split_key(key)
+        rng = _crop_rng(self.seed, epoch, i, self.train)
         image = decode_bytes(self.files[i].read_bytes(), str(self.files[i]))
         return None if image is None else (crop(image, self.size, self.train, rng), i)
 
@@ -99,16 +109,17 @@ class HFDataset(Dataset):
             self.ds = datasets.load_dataset(spec, split=split)
         self.key = next((k for k, f in self.ds.features.items() if isinstance(f, datasets.Image)), "image")
         self.ds = self.ds.cast_column(self.key, datasets.Image(decode=False))
-        self.size, self.train, self.seed, self.epoch = size, train, seed, 0
+        self.size, self.train, self.seed = size, train, seed
 
     def __len__(self) -> int:
         return len(self.ds)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        i, epoch = _split_key(key)
         item = self.ds[i][self.key]
         data = item["bytes"] if item.get("bytes") else Path(item["path"]).read_bytes()
         image = decode_bytes(data, f"{self.key}[{i}]")
-        rng = random.Random(hash((self.seed, self.epoch, i)) if self.train else i)
+        rng = _crop_rng(self.seed, epoch, i, self.train)
         return None if image is None else (crop(image, self.size, self.train, rng), i)
 
 
@@ -133,10 +144,10 @@ class TarShards(IterableDataset):
         missing = [s for s in self.shards if not Path(s).is_file()]
         if missing:
             raise FileNotFoundError(f"tar shard(s) not found: {missing[:3]}")
-        self.size, self.train, self.seed, self.rank, self.world, self.epoch = size, train, seed, rank, world, 0
+        self.size, self.train, self.seed, self.rank, self.world = size, train, seed, rank, world
 
     def __iter__(self):
-        rng = random.Random(hash((self.seed, self.epoch, self.rank)))
+        rng = random.Random(hash((self.seed, self.rank)))
         shards = list(self.shards)
         if self.train:
             rng.shuffle(shards)
@@ -191,8 +202,9 @@ def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([b[0] for b in kept]), torch.tensor([b[1] for b in kept], dtype=torch.long)
 
 
-class EpochSampler(Sampler[int]):
-    """Sample order as a function of (seed, epoch) alone, sharded rank::world, resumable mid-epoch.
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Sample order as a function of (seed, epoch) alone, sharded rank::world, resumable mid-epoch; yields
+    (index, epoch) keys so that the dataset's crops change with the epoch.
 
     Every rank draws the same permutation and takes every world-th index, so one process with the global batch
     sees, step by step, the union of what the ranks see. `skip` drops the samples consumed before a resume.
@@ -209,7 +221,7 @@ class EpochSampler(Sampler[int]):
         order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
                  if self.shuffle else list(range(self.n)))
         skip, self.skip = self.skip, 0
-        return iter(order[self.rank:: self.world][skip:])
+        return iter((i, self.epoch) for i in order[self.rank:: self.world][skip:])
 
     def __len__(self) -> int:
         return len(range(self.rank, self.n, self.world)) - self.skip

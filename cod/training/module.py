@@ -177,9 +177,7 @@ class CoDTrainingModule(L.LightningModule):
         return out.float().div(255).to(images01.device)
 
     def export_model(self) -> CoDModel:
-        model = CoDModel(self.model_config, self.ema.module.eval(), self.latent)
-        model._uncond_cache.clear()
-        return model
+        return CoDModel(self.model_config, self.ema.module.eval(), self.latent)
 
     def save_model_dir(self, out_dir: str | Path) -> Path:
         card = {"provenance": f"trained by cod (preset {self.hparams.preset}), step {self.global_step}"}
