@@ -94,8 +94,23 @@ class CoDModel(torch.nn.Module):
         self.denoiser = denoiser if denoiser is not None else build_denoiser(config)
         self.latent = latent
         self.path = path
-        self.fingerprint = config.get("fingerprint", "")
+        self._fingerprint = config.get("fingerprint", "")
         self._uncond_cache: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the weights file (what .cod files are tied to). A model that was never saved gets the hash of
+        its weights serialised as save() would write them, computed once at first use."""
+        if not self._fingerprint:
+            from safetensors.torch import save as safetensors_bytes
+
+            weights = {k: v.detach().contiguous().cpu() for k, v in self.denoiser.state_dict().items()}
+            self._fingerprint = hashlib.sha256(safetensors_bytes(weights)).hexdigest()
+        return self._fingerprint
+
+    @fingerprint.setter
+    def fingerprint(self, value: str) -> None:
+        self._fingerprint = value
 
     # ---- geometry and rate -------------------------------------------------------------------------------
     @property

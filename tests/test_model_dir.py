@@ -123,3 +123,16 @@ def test_latent_model_without_vae_names_the_download(tmp_path, monkeypatch):
     idx = model.encode(torch.rand(1, 3, 64, 64))
     with pytest.raises(FileNotFoundError, match="sd-vae-ft-ema"):
         model.decode(idx, 64, 64, steps=2)
+
+
+def test_an_unsaved_model_compresses_and_its_files_decode_after_saving(tmp_path):
+    """A model built in memory (e.g. right after training) fingerprints its weights as save() writes them."""
+    import numpy as np
+
+    model = cod.new_model("tiny-pixel", seed=3)
+    image = np.random.default_rng(0).integers(0, 256, (40, 24, 3), dtype=np.uint8)
+    data = model.compress([image])[0]
+    unsaved = model.fingerprint
+    model.save(tmp_path / "m")
+    assert model.fingerprint == unsaved
+    assert cod.load(tmp_path / "m").decompress(data, steps=1).shape == (40, 24, 3)

@@ -28,10 +28,12 @@ class LatentFinalLayer(nn.Module):
 class DDT(CoDDenoiser):
     def __init__(self, in_channels: int = 4, patch_size: int = 2, hidden_size: int = 1152, num_groups: int = 16,
                  num_blocks: int = 28, num_cond_blocks: int = 22, codebook_bits: int = 4, ds: int = 32,
-                 up2x: bool = True, encoder_width: int = 128):
+                 up2x: bool = True, encoder_width: int = 128,
+                 rope_step: float | None = None):
         super().__init__()
         self.in_channels, self.patch_size, self.hidden_size = in_channels, patch_size, hidden_size
         self.num_groups, self.num_blocks, self.num_cond_blocks = num_groups, num_blocks, num_cond_blocks
+        self.rope_step = rope_step
         patch_features = in_channels * patch_size ** 2
 
         self.y_embedder = ConditionCodec(hidden_size, ds=ds, bits=codebook_bits, up2x=up2x,

@@ -34,6 +34,7 @@ class CoDDenoiser(nn.Module):
     hidden_size: int
     num_groups: int
     num_cond_blocks: int
+    rope_step: float | None = None  # None: the release's size-normalised RoPE positions (QUIRK 2)
 
     @property
     def codec(self):
@@ -59,7 +60,7 @@ class CoDDenoiser(nn.Module):
         if cond.shape[-2:] != (hp, wp):
             raise ValueError(f"condition grid {tuple(cond.shape[-2:])} does not match the token grid {(hp, wp)}")
         cond_tokens = tokens_from_map(cond)
-        rope = rope_2d(hp, wp, self.hidden_size // self.num_groups, x.device)
+        rope = rope_2d(hp, wp, self.hidden_size // self.num_groups, x.device, step=self.rope_step)
         s = self.s_embedder(torch.cat([patches, cond_tokens.to(patches.dtype)], dim=-1))
         c = F.silu(temb)
         for block in self.blocks[: self.num_cond_blocks]:

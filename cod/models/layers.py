@@ -82,11 +82,18 @@ class TimestepEmbedder(nn.Module):
 # 2-D rotary position embedding
 # --------------------------------------------------------------------------------------------------------------
 @lru_cache(maxsize=32)
-def _rope_cached(height: int, width: int, head_dim: int, device: str, theta: float, span: float) -> torch.Tensor:
+def _rope_cached(height: int, width: int, head_dim: int, device: str, theta: float, span: float,
+                 step: float | None) -> torch.Tensor:
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 4, dtype=torch.float32)[: head_dim // 4] / head_dim))
-    # QUIRK kept for checkpoints: positions are normalised to span [0, span] whatever the grid size.
-    xpos = torch.linspace(0, span, width, dtype=torch.float32)
-    ypos = torch.linspace(0, span, height, dtype=torch.float32)
+    if step is None:
+        # QUIRK kept for checkpoints: positions are normalised to span [0, span] whatever the grid size, so
+        # neighbouring tokens are 16/15 apart at 256x256 and 16/31 at 512x512 (the model sees a different
+        # geometry at every image size).
+        xpos = torch.linspace(0, span, width, dtype=torch.float32)
+        ypos = torch.linspace(0, span, height, dtype=torch.float32)
+    else:  # the fix for models we train: a fixed distance between neighbouring tokens at every size
+        xpos = torch.arange(width, dtype=torch.float32) * step
+        ypos = torch.arange(height, dtype=torch.float32) * step
     ygrid, xgrid = torch.meshgrid(ypos, xpos, indexing="ij")
     x_angles = torch.outer(xgrid.flatten(), freqs)
     y_angles = torch.outer(ygrid.flatten(), freqs)
@@ -96,14 +103,16 @@ def _rope_cached(height: int, width: int, head_dim: int, device: str, theta: flo
 
 
 def rope_2d(height: int, width: int, head_dim: int, device: torch.device | str = "cpu",
-            theta: float = 10000.0, span: float = 16.0) -> torch.Tensor:
+            theta: float = 10000.0, span: float = 16.0, step: float | None = None) -> torch.Tensor:
     """Rotations [L, head_dim/2, 2] (cos, sin) for a height x width token grid (row-major tokens).
+
+    step=None: the release's positions (linspace(0, span) per axis); a number: token i sits at i * step.
 
     Kept real-valued (no complex tensors) so that the model exports to ONNX and TorchScript.
     """
     if head_dim % 4:
         raise ValueError(f"2-D RoPE needs a head dim divisible by 4, got {head_dim}")
-    return _rope_cached(height, width, head_dim, str(device), theta, span)
+    return _rope_cached(height, width, head_dim, str(device), theta, span, step)
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:

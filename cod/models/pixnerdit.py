@@ -83,10 +83,12 @@ class PixelFinalLayer(nn.Module):
 class PixNerDiT(CoDDenoiser):
     def __init__(self, in_channels: int = 3, patch_size: int = 16, hidden_size: int = 1152, num_groups: int = 16,
                  num_blocks: int = 30, num_cond_blocks: int = 26, hidden_size_x: int = 64, nerf_mlpratio: int = 2,
-                 codebook_bits: int = 4, ds: int = 32, up2x: bool = True, encoder_width: int = 128):
+                 codebook_bits: int = 4, ds: int = 32, up2x: bool = True, encoder_width: int = 128,
+                 rope_step: float | None = None):
         super().__init__()
         self.in_channels, self.patch_size, self.hidden_size = in_channels, patch_size, hidden_size
         self.num_groups, self.num_blocks, self.num_cond_blocks = num_groups, num_blocks, num_cond_blocks
+        self.rope_step = rope_step
         self.hidden_size_x = hidden_size_x
         pix = in_channels * patch_size ** 2
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from cod.diffusion.losses import CoDObjective, TrainingDraws
 from cod.model import CoDModel, build_config, build_denoiser, load, load_state_strict
 from cod.models.presets import get_preset
+from cod.training.codebook import CodebookRestarts
 from cod.training.repa import build_repa_teacher
 
 RECON_DIM = {"pixel": (3, 16, 16), "latent": (4, 2, 2)}
@@ -35,8 +36,23 @@ class EMA(nn.Module):
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in model.parameters()],
-                             1 - self.decay)
+        # Under FSDP2 both copies are sharded alike (cod.training.fsdp.shard): each rank averages its own shard,
+        # no communication. Modules FSDP2 left unsharded after the step (the root keeps its parameters
+        # gathered between forward and backward) are resharded first, so that both sides are shards.
+        for m in model.modules():
+            if hasattr(m, "reshard") and hasattr(m, "unshard"):
+                m.reshard()
+        torch._foreach_lerp_([_local(e) for e in self.module.parameters()],
+                             [_local(p.detach()) for p in model.parameters()], 1 - self.decay)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP2), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _is_sharded(module: nn.Module) -> bool:
+    return any(hasattr(p, "to_local") for p in module.parameters())
 
 
 class CoDTrainingModule(L.LightningModule):
@@ -46,7 +62,7 @@ class CoDTrainingModule(L.LightningModule):
                  ema_decay: float = 0.9999, one_step_mse_weight: float = 0.0, null_condition_p: float = 0.1,
                  align_layer: int = 8, codec_loss_masking: str = "correct", repa: dict | None = None,
                  vae_path: str | None = None, val_sampling_steps: int = 10, export_dir: str | None = None,
-                 sampling: dict | None = None, seed: int = 0):
+                 sampling: dict | None = None, codebook_restarts: bool = True, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         spec = get_preset(preset, ds=ds, bits=bits, up2x=up2x)
@@ -73,6 +89,12 @@ class CoDTrainingModule(L.LightningModule):
             codec_loss_masking=codec_loss_masking)
         self.ema = EMA(self.denoiser, ema_decay)
         self._step_started = None
+        self._batch_ids = None
+        # Training-only remedy for codebook collapse (cod/training/codebook.py); false = the release's recipe.
+        self.codebook_restarts = CodebookRestarts(self.entropy_bottleneck.num_codes, seed=seed) \
+            if codebook_restarts else None
+        if self.codebook_restarts is not None:  # registered after the EMA copy, which must not inherit it
+            self.entropy_bottleneck.register_forward_hook(self._observe_codebook)
 
     # ---- the codec's parts ------------------------------------------------------------------------------
     @property
@@ -121,14 +143,35 @@ class CoDTrainingModule(L.LightningModule):
         dev = x.device
         return TrainingDraws(torch.cat(us).to(dev), torch.cat(zs).to(dev), torch.stack(noises).to(dev, x.dtype))
 
+    def _observe_codebook(self, _module, inputs, outputs) -> None:
+        if self.training and self._batch_ids is not None:
+            self.codebook_restarts.observe(inputs[0], outputs[2], self._batch_ids)
+
     def _losses(self, batch) -> dict:
         images01, ids = batch
+        self._batch_ids = ids
         x = self._model_space(images01)
         y = CoDModel.condition_image(images01)
         target = self.teacher(images01, tokens=(images01.shape[-2] // 16) * (images01.shape[-1] // 16))
         return self.objective(self.denoiser, x, y, -torch.ones_like(y), target, self._draws(x, ids))
 
     # ---- Lightning hooks -----------------------------------------------------------------------------------
+    def configure_model(self):
+        """FSDP2 (cod.training.fsdp.FSDP2Strategy / ModelParallelStrategy): shard the model over the
+        data-parallel mesh (cod.training.fsdp.shard). Other strategies leave the module as it is."""
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None and not _is_sharded(self.denoiser):
+            from cod.training.fsdp import shard
+
+            shard(self, mesh)
+
+    def setup(self, stage: str) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError("Lightning's FSDPStrategy (FSDP1) is not supported: use FSDP2, "
+                             "strategy: cod.training.fsdp.FSDP2Strategy (conf/hardware/fsdp.yaml)")
+
     def training_step(self, batch, batch_idx):
         if batch[0].numel() == 0:  # every image of the batch was unreadable (skipped and counted by the data)
             return None
@@ -145,12 +188,17 @@ class CoDTrainingModule(L.LightningModule):
         return losses["loss"]
 
     def on_before_optimizer_step(self, optimizer):
-        norms = [p.grad.detach().norm() for p in self.parameters() if p.grad is not None]
-        if norms:
-            self.log("train/grad_norm", torch.stack(norms).norm())
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:  # DTensor-aware (FSDP2): the norm of the full gradient on every rank
+            norm = torch.nn.utils.get_total_norm(grads)
+            self.log("train/grad_norm", norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     def on_before_zero_grad(self, optimizer):
         # runs once per optimizer step (after it), also under gradient accumulation
+        if self.codebook_restarts is not None:
+            rows = self.codebook_restarts.step([self.entropy_bottleneck.embedding.weight,
+                                                self.ema.module.y_embedder.bottleneck.embedding.weight])
+            self.log("train/codebook_restarted", float(rows))
         self.ema.update(self.denoiser)
 
     def validation_step(self, batch, batch_idx):
@@ -179,12 +227,27 @@ class CoDTrainingModule(L.LightningModule):
     def export_model(self) -> CoDModel:
         return CoDModel(self.model_config, self.ema.module.eval(), self.latent)
 
-    def save_model_dir(self, out_dir: str | Path) -> Path:
+    def save_model_dir(self, out_dir: str | Path) -> Path | None:
+        """Write the EMA weights as a model directory. Under FSDP2 every rank must call this (the shards are
+        gathered); rank 0 writes."""
         card = {"provenance": f"trained by cod (preset {self.hparams.preset}), step {self.global_step}"}
-        return self.export_model().save(out_dir, card=card, objective_state=self.objective.state_dict())
+        if not _is_sharded(self.ema.module):
+            return self.export_model().save(out_dir, card=card, objective_state=self.objective.state_dict())
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        ema_state = get_model_state_dict(self.ema.module, options=opts)
+        objective_state = get_model_state_dict(self.objective, options=opts)
+        if not self.trainer.is_global_zero:
+            return None
+        with torch.device("cpu"):
+            denoiser = build_denoiser(self.model_config)
+        load_state_strict(denoiser, ema_state, "gathered EMA weights")
+        model = CoDModel(self.model_config, denoiser.eval(), self.latent)
+        return model.save(out_dir, card=card, objective_state=objective_state)
 
     def on_train_end(self):
-        if self.hparams.export_dir and self.trainer.is_global_zero:
+        if self.hparams.export_dir and (self.trainer.is_global_zero or _is_sharded(self.ema.module)):
             self.save_model_dir(self.hparams.export_dir)
 
     def configure_optimizers(self):

@@ -37,13 +37,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("data")
     ap.add_argument("--devices", type=int, default=1)
-    ap.add_argument("--strategy", default="auto")
+    ap.add_argument("--strategy", default="auto", help="auto, ddp or fsdp2")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--ckpt-dir", help="save last.ckpt here every --ckpt-every steps")
     ap.add_argument("--ckpt-every", type=int, default=3)
     ap.add_argument("--kill-at", type=int, help="SIGKILL this process after this step (a crash)")
     ap.add_argument("--resume", help="checkpoint to resume from")
+    ap.add_argument("--export", help="write the EMA model directory here after training")
     a = ap.parse_args()
     L.seed_everything(0, verbose=False)
     module = CoDTrainingModule("tiny-pixel", lr=1e-3, null_condition_p=0.0, ema_decay=0.9)
@@ -54,11 +55,18 @@ def main():
         callbacks.append(ModelCheckpoint(dirpath=a.ckpt_dir, every_n_train_steps=a.ckpt_every, save_last=True))
     if a.kill_at:
         callbacks.append(Crash(a.kill_at))
-    trainer = L.Trainer(accelerator="cpu", devices=a.devices, strategy=a.strategy, max_steps=a.steps,
+    strategy = a.strategy
+    if strategy == "fsdp2":  # FSDP2 on CPU processes over gloo
+        from cod.training.fsdp import FSDP2Strategy
+
+        strategy = FSDP2Strategy()
+    trainer = L.Trainer(accelerator="cpu", devices=a.devices, strategy=strategy, max_steps=a.steps,
                         logger=False, enable_checkpointing=bool(a.ckpt_dir), enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks,
                         use_distributed_sampler=False)
     trainer.fit(module, data, ckpt_path=a.resume)
+    if a.export:
+        module.save_model_dir(a.export)  # every rank: FSDP2 gathers the shards
     if trainer.is_global_zero:
         print("LOSSES " + json.dumps(record.losses))
 
