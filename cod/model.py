@@ -341,11 +341,11 @@ def _load_latent(path: Path, latent_cfg: dict, vae_path: str | None):
 
 
 def new_model(preset_name: str, out_dir: str | os.PathLike | None = None, seed: int = 0, ds: int | None = None,
-              bits: int | None = None, up2x: bool | None = None) -> CoDModel:
+              bits: int | None = None, up2x: bool | None = None, rope_step: float | None = None) -> CoDModel:
     """A randomly initialised model of a preset (written to out_dir when given)."""
     from cod.models.presets import get_preset
 
-    preset = get_preset(preset_name, ds=ds, bits=bits, up2x=up2x)
+    preset = get_preset(preset_name, ds=ds, bits=bits, up2x=up2x, rope_step=rope_step)
     torch.manual_seed(seed)
     latent = None
     vae_file = None

@@ -58,3 +58,20 @@ def test_tiny_presets_are_small():
     for name in ("tiny-pixel", "tiny-latent"):
         net = build_denoiser(build_config(PRESETS[name], name))
         assert sum(p.numel() for p in net.parameters()) < 5_000_000
+
+
+def test_fixed_step_rope_positions_do_not_depend_on_the_image_size():
+    """The release normalises RoPE positions to [0, 16] (QUIRK 2): a token's rotation depends on the image size.
+    With rope_step, the top-left tokens of a small and a large grid rotate alike, and the option reaches the
+    model config (so saved models keep it)."""
+    import cod
+    from cod.models.layers import rope_2d
+
+    small, large = rope_2d(2, 3, 16, step=1.0), rope_2d(4, 5, 16, step=1.0)
+    top_left = large.reshape(4, 5, 8, 2)[:2, :3].reshape(6, 8, 2)
+    assert torch.equal(small, top_left)
+    official_small, official_large = rope_2d(2, 3, 16), rope_2d(4, 5, 16)
+    assert not torch.equal(official_small, official_large.reshape(4, 5, 8, 2)[:2, :3].reshape(6, 8, 2))
+    model = cod.new_model("tiny-pixel", rope_step=0.5)
+    assert model.config["denoiser"]["kwargs"]["rope_step"] == 0.5 and model.denoiser.rope_step == 0.5
+    assert "rope_step" not in cod.new_model("tiny-pixel").config["denoiser"]["kwargs"]

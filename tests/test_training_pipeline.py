@@ -142,3 +142,35 @@ def test_training_crops_change_with_the_epoch_and_stay_reproducible(tmp_path):
     assert list(EpochSampler(1, True, 0)) == [(0, 0)]
     assert not torch.equal(first[0], second[0])
     assert torch.equal(ds[(0, 1)][0], second[0])
+
+
+def test_codebook_restarts_reseed_unused_codewords_with_encoder_outputs():
+    """After the first step every codeword the batch did not use holds one of the batch's encoder outputs (in
+    the trained codebook and its EMA), so the next batch spreads over many codes instead of the one or two a
+    random codebook gives; `codebook_restarts=False` leaves the codebook alone."""
+    torch.manual_seed(0)
+    module = CoDTrainingModule("tiny-pixel", ds=16, bits=6, null_condition_p=0.0)
+    bottleneck = module.entropy_bottleneck
+    images = torch.rand(4, 3, 64, 64)
+    batch = (images, torch.arange(4))
+    y = cod.CoDModel.condition_image(images)  # what the codec sees in training
+
+    def codes_used():
+        with torch.no_grad():
+            return bottleneck.nearest(module.condition_encoder(y)).unique().numel()
+
+    before = codes_used()
+    module._losses(batch)
+    with torch.no_grad():
+        z = module.condition_encoder(y).permute(0, 2, 3, 1).reshape(-1, bottleneck.dim)
+    rows = module.codebook_restarts.step([bottleneck.embedding.weight,
+                                          module.ema.module.y_embedder.bottleneck.embedding.weight])
+    assert rows == 64 - before > 0
+    codebook = bottleneck.embedding.weight.detach()
+    assert torch.equal(codebook, module.ema.module.y_embedder.bottleneck.embedding.weight)
+    distance_to_data = torch.cdist(codebook, z).min(dim=1).values
+    assert (distance_to_data < 1e-2).sum() >= rows  # cdist rounds at ~2e-3; other distances are ~10
+    assert codes_used() > max(before, 8)
+
+    off = CoDTrainingModule("tiny-pixel", ds=16, bits=6, codebook_restarts=False)
+    assert off.codebook_restarts is None

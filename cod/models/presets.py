@@ -57,13 +57,16 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def get_preset(name: str, ds: int | None = None, bits: int | None = None, up2x: bool | None = None) -> Preset:
-    """A preset, optionally moved to another rate of the rate table."""
+def get_preset(name: str, ds: int | None = None, bits: int | None = None, up2x: bool | None = None,
+               rope_step: float | None = None) -> Preset:
+    """A preset, optionally moved to another rate of the rate table. rope_step: place RoPE positions a fixed
+    distance apart at every image size instead of the release's size-normalised positions (QUIRK 2; for new
+    models trained at one size and used at others)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset '{name}'; available: {', '.join(PRESETS)}")
     preset = PRESETS[name]
     kwargs = dict(preset.denoiser)
-    for key, value in (("ds", ds), ("codebook_bits", bits), ("up2x", up2x)):
+    for key, value in (("ds", ds), ("codebook_bits", bits), ("up2x", up2x), ("rope_step", rope_step)):
         if value is not None:
             kwargs[key] = value
     validate_rate(kwargs["ds"], kwargs["codebook_bits"], kwargs["up2x"])

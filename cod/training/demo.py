@@ -36,16 +36,34 @@ def skimage_photos(names) -> dict[str, np.ndarray]:
 
 
 class CropDataset(Dataset):
-    def __init__(self, images: list[np.ndarray], size: int, crops_per_image: int, seed: int):
-        from cod.training.data import crop
+    """Random crops of a dozen photos, augmented so that they stand for more: a random scale (0.5-1), a
+    horizontal flip and a random order of the colour channels (a red cup becomes a blue one: the codes must
+    carry colour, the few photos cannot teach it as a prior)."""
 
-        self.images, self.size, self.n, self.seed, self.crop = images, size, crops_per_image, seed, crop
+    def __init__(self, images: list[np.ndarray], size: int, crops_per_image: int, seed: int, augment: bool = True):
+        self.images, self.size, self.n, self.seed, self.augment = images, size, crops_per_image, seed, augment
 
     def __len__(self) -> int:
         return len(self.images) * self.n
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.crop(self.images[i % len(self.images)], self.size, True, random.Random(self.seed * 1_000_003 + i)), i
+        from PIL import Image
+
+        from cod.training.data import crop
+
+        rng = random.Random(self.seed * 1_000_003 + i)
+        image = self.images[i % len(self.images)]
+        if self.augment:
+            scale = rng.uniform(0.5, 1.0)
+            h, w = image.shape[:2]
+            if min(h, w) * scale >= self.size:
+                image = np.asarray(Image.fromarray(image).resize((round(w * scale), round(h * scale)), Image.BICUBIC))
+        x = crop(image, self.size, True, rng)
+        if self.augment:
+            if rng.random() < 0.5:
+                x = x.flip(-1)
+            x = x[rng.sample(range(3), 3)]
+        return x, i
 
 
 def run_demo(out: Path, minutes: float = 6.0, seed: int = 0, quiet: bool = False) -> dict:

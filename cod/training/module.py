@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cod.codec.evaluate import ms_ssim
 from cod.diffusion.losses import CoDObjective, TrainingDraws
 from cod.model import CoDModel, build_config, build_denoiser, load, load_state_strict
 from cod.models.presets import get_preset
@@ -51,13 +52,17 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _uint8(image01: torch.Tensor):
+    return image01.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
 def _is_sharded(module: nn.Module) -> bool:
     return any(hasattr(p, "to_local") for p in module.parameters())
 
 
 class CoDTrainingModule(L.LightningModule):
     def __init__(self, preset: str = "tiny-pixel", ds: int | None = None, bits: int | None = None,
-                 up2x: bool | None = None, init_from: str | None = None, lr: float = 1e-4,
+                 up2x: bool | None = None, rope_step: float | None = None, init_from: str | None = None, lr: float = 1e-4,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0,
                  ema_decay: float = 0.9999, one_step_mse_weight: float = 0.0, null_condition_p: float = 0.1,
                  align_layer: int = 8, codec_loss_masking: str = "correct", repa: dict | None = None,
@@ -65,7 +70,7 @@ class CoDTrainingModule(L.LightningModule):
                  sampling: dict | None = None, codebook_restarts: bool = True, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
-        spec = get_preset(preset, ds=ds, bits=bits, up2x=up2x)
+        spec = get_preset(preset, ds=ds, bits=bits, up2x=up2x, rope_step=rope_step)
         self.family = spec.family
         self.model_config = build_config(spec, preset, sampling=sampling)  # sampling: the exported defaults
         with torch.random.fork_rng():  # seeded initialisation without touching the caller's RNG state
@@ -211,6 +216,10 @@ class CoDTrainingModule(L.LightningModule):
             recon = self.reconstruct(batch[:4])
             mse = F.mse_loss(recon, batch[:4]).clamp_min(1e-10)
             self.log("val/psnr", 10 * torch.log10(1 / mse), batch_size=min(4, batch.shape[0]), sync_dist=True)
+            scores = [ms_ssim(_uint8(a), _uint8(b)) for a, b in zip(batch[:4], recon)]
+            scores = [v for v in scores if v == v]  # NaN below 176 pixels: too small for 5 scales
+            if scores:
+                self.log("val/ms_ssim", sum(scores) / len(scores), batch_size=len(scores), sync_dist=True)
             tb = getattr(self.logger, "experiment", None)
             if tb is not None and hasattr(tb, "add_images"):
                 tb.add_images("val/original_vs_reconstruction", torch.cat([batch[:4], recon]), self.global_step)
