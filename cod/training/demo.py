@@ -20,7 +20,10 @@ HELD_OUT = ("coffee.png", "chelsea.png")
 TRAIN = ("astronaut.png", "motorcycle_left.png", "motorcycle_right.png", "rocket.jpg", "hubble_deep_field.jpg",
          "retina.jpg", "ihc.png", "camera.png", "coins.png", "moon.png", "grass.png", "gravel.png", "brick.png")
 # 8 bits per 16x16 pixels: 0.031 bpp (a 512x512 image in 1 KB), a rate a tiny model learns in minutes.
-DEMO_MODEL = {"preset": "tiny-pixel", "ds": 16, "bits": 8, "up2x": True}
+# RoPE positions a fixed step apart (not the release's size-normalised ones): trained on 64x64 crops, the model
+# sees the same token geometry on the full-size photos it decodes.
+DEMO_MODEL = {"preset": "tiny-pixel", "ds": 16, "bits": 8, "up2x": True, "rope_step": 1.0}
+CROP, BATCH = 64, 16
 
 
 def skimage_photos(names) -> dict[str, np.ndarray]:
@@ -36,34 +39,17 @@ def skimage_photos(names) -> dict[str, np.ndarray]:
 
 
 class CropDataset(Dataset):
-    """Random crops of a dozen photos, augmented so that they stand for more: a random scale (0.5-1), a
-    horizontal flip and a random order of the colour channels (a red cup becomes a blue one: the codes must
-    carry colour, the few photos cannot teach it as a prior)."""
+    def __init__(self, images: list[np.ndarray], size: int, crops_per_image: int, seed: int):
+        from cod.training.data import crop
 
-    def __init__(self, images: list[np.ndarray], size: int, crops_per_image: int, seed: int, augment: bool = True):
-        self.images, self.size, self.n, self.seed, self.augment = images, size, crops_per_image, seed, augment
+        self.images, self.size, self.n, self.seed, self.crop = images, size, crops_per_image, seed, crop
 
     def __len__(self) -> int:
         return len(self.images) * self.n
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
-        from cod.training.data import crop
-
         rng = random.Random(self.seed * 1_000_003 + i)
-        image = self.images[i % len(self.images)]
-        if self.augment:
-            scale = rng.uniform(0.5, 1.0)
-            h, w = image.shape[:2]
-            if min(h, w) * scale >= self.size:
-                image = np.asarray(Image.fromarray(image).resize((round(w * scale), round(h * scale)), Image.BICUBIC))
-        x = crop(image, self.size, True, rng)
-        if self.augment:
-            if rng.random() < 0.5:
-                x = x.flip(-1)
-            x = x[rng.sample(range(3), 3)]
-        return x, i
+        return self.crop(self.images[i % len(self.images)], self.size, True, rng), i
 
 
 def run_demo(out: Path, minutes: float = 6.0, seed: int = 0, quiet: bool = False) -> dict:
@@ -85,9 +71,12 @@ def run_demo(out: Path, minutes: float = 6.0, seed: int = 0, quiet: bool = False
         f"photos for {minutes:g} min; held out: {', '.join(held_out)}")
     # Minutes of CPU cannot train a many-step sampler; the stage-3 one-step term (x0 = noise + v(noise, t=0))
     # learns a direct decoder fast, and the exported model decodes with that single step by default.
-    module = CoDTrainingModule(**DEMO_MODEL, lr=1e-3, warmup_steps=30, ema_decay=0.99, one_step_mse_weight=1.0,
+    # A few hundred steps: a short EMA, no unconditional draws (the demo decodes without guidance) and codebook
+    # restarts every 25 steps (docs/training.md).
+    module = CoDTrainingModule(**DEMO_MODEL, lr=1e-3, warmup_steps=30, ema_decay=0.95, one_step_mse_weight=1.0,
+                               null_condition_p=0.0, codebook_restart_window=25,
                                sampling={"sampler": "euler", "steps": 1, "cfg": 1.0}, seed=seed)
-    loader = DataLoader(CropDataset(list(train_photos.values()), 32, 256, seed), batch_size=16, shuffle=True,
+    loader = DataLoader(CropDataset(list(train_photos.values()), CROP, 256, seed), batch_size=BATCH, shuffle=True,
                         num_workers=0, drop_last=True, generator=torch.Generator().manual_seed(seed),
                         collate_fn=collate_skipping)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_time={"seconds": int(minutes * 60)}, max_epochs=-1,

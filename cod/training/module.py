@@ -67,7 +67,8 @@ class CoDTrainingModule(L.LightningModule):
                  ema_decay: float = 0.9999, one_step_mse_weight: float = 0.0, null_condition_p: float = 0.1,
                  align_layer: int = 8, codec_loss_masking: str = "correct", repa: dict | None = None,
                  vae_path: str | None = None, val_sampling_steps: int = 10, export_dir: str | None = None,
-                 sampling: dict | None = None, codebook_restarts: bool = True, seed: int = 0):
+                 sampling: dict | None = None, codebook_restarts: bool = True,
+                 codebook_restart_window: int = 100, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         spec = get_preset(preset, ds=ds, bits=bits, up2x=up2x, rope_step=rope_step)
@@ -96,8 +97,8 @@ class CoDTrainingModule(L.LightningModule):
         self._step_started = None
         self._batch_ids = None
         # Training-only remedy for codebook collapse (cod/training/codebook.py); false = the release's recipe.
-        self.codebook_restarts = CodebookRestarts(self.entropy_bottleneck.num_codes, seed=seed) \
-            if codebook_restarts else None
+        self.codebook_restarts = CodebookRestarts(self.entropy_bottleneck.num_codes, every=codebook_restart_window,
+                                                  seed=seed) if codebook_restarts else None
         if self.codebook_restarts is not None:  # registered after the EMA copy, which must not inherit it
             self.entropy_bottleneck.register_forward_hook(self._observe_codebook)
 
