@@ -35,7 +35,7 @@ def bench(preset: str, size: int, batch: int, steps: int, device: str, bf16: boo
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        module.ema.update_parameters(module.denoiser)
+        module.ema.update(module.denoiser)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         if i >= 2:  # two warm-up steps

@@ -1,0 +1,22 @@
+"""The benchmark scripts under tools/ run (a tiny configuration each), so that a refactor cannot silently break
+the commands docs/benchmarks.md records."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.mark.parametrize("args", [
+    ["tools/bench_train.py", "--presets", "tiny-pixel", "--size", "32", "--batch", "2", "--steps", "1"],
+    ["tools/bench_decode.py", "--preset", "tiny-pixel", "--size", "32", "--steps", "1", "--threads", "1"],
+])
+def test_benchmark_script_runs(args):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "|" in out.stdout  # the markdown table docs/benchmarks.md records
