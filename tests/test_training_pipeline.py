@@ -164,7 +164,7 @@ def test_codebook_restarts_reseed_unused_codewords_with_encoder_outputs():
     with torch.no_grad():
         z = module.condition_encoder(y).permute(0, 2, 3, 1).reshape(-1, bottleneck.dim)
     rows = module.codebook_restarts.step([bottleneck.embedding.weight,
-                                          module.ema.module.y_embedder.bottleneck.embedding.weight])
+                                          module.ema.module.y_embedder.bottleneck.embedding.weight], step=0)
     assert rows == 64 - before > 0
     codebook = bottleneck.embedding.weight.detach()
     assert torch.equal(codebook, module.ema.module.y_embedder.bottleneck.embedding.weight)

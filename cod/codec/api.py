@@ -28,7 +28,7 @@ FORMATS = ("cod", "official")
 CODEC_SAMPLERS = ("adam1", "adam2", "adam3", "adam4", "euler")
 
 
-def _as_array(image) -> np.ndarray:
+def as_rgb8(image) -> np.ndarray:
     """HxWx3 uint8 array, PIL image, or [3,H,W] tensor (uint8, or float in [0, 1]) -> HxWx3 uint8 array."""
     if isinstance(image, np.ndarray):
         arr = image
@@ -124,7 +124,7 @@ def compress(model, images, fmt: str = "cod", batch_size: int = 1, sampler: str 
     """RGB images (HxWx3 uint8 arrays, PIL images, [3,H,W] tensors or a [B,3,H,W] float batch), any size ->
     one file's bytes each. Sampling options are stored in the file when they differ from the model's defaults."""
     params = stored_params(model, fmt, sampler, steps, cfg, seed)
-    arrays = [_as_array(image) for image in images]
+    arrays = [as_rgb8(image) for image in images]
     for arr in arrays:
         check_compressible(model, *arr.shape[:2], fmt)
     out: list[bytes] = [b""] * len(arrays)

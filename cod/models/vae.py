@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# the SD VAE pads right/bottom only before its stride-2 conv, exactly like the condition encoder
+from cod.models.condition_codec import Downsample
 from cod.models.state_dict import check_state_dict
 
 # Two scales exist because of a quirk of the release (spec §7.1, QUIRK 14): the official CoD latent
@@ -113,16 +115,6 @@ class SelfAttention(nn.Module):
         q, k, v = (proj(h).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))
         o = F.scaled_dot_product_attention(q, k, v).squeeze(1)
         return x + self.to_out[0](o).transpose(1, 2).reshape(B, C, H, W)
-
-
-class Downsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The SD VAE pads right/bottom only before its stride-2 conv; symmetric padding would shift the grid.
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
 class Upsample(nn.Module):

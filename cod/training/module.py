@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cod.codec.api import as_rgb8
 from cod.codec.evaluate import ms_ssim
 from cod.diffusion.losses import CoDObjective, TrainingDraws
 from cod.model import CoDModel, build_config, build_denoiser, load, load_state_strict
@@ -50,10 +51,6 @@ class EMA(nn.Module):
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (FSDP2), or the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _uint8(image01: torch.Tensor):
-    return image01.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
 def _is_sharded(module: nn.Module) -> bool:
@@ -199,11 +196,14 @@ class CoDTrainingModule(L.LightningModule):
             norm = torch.nn.utils.get_total_norm(grads)
             self.log("train/grad_norm", norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
-    def on_before_zero_grad(self, optimizer):
-        # runs once per optimizer step (after it), also under gradient accumulation
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        # once per optimizer step, right after it (also under gradient accumulation), so the last step is
+        # averaged too; global_step still counts the steps completed before this one
         if self.codebook_restarts is not None:
             rows = self.codebook_restarts.step([self.entropy_bottleneck.embedding.weight,
-                                                self.ema.module.y_embedder.bottleneck.embedding.weight])
+                                                self.ema.module.y_embedder.bottleneck.embedding.weight],
+                                               step=self.global_step)
             self.log("train/codebook_restarted", float(rows))
         self.ema.update(self.denoiser)
 
@@ -217,7 +217,7 @@ class CoDTrainingModule(L.LightningModule):
             recon = self.reconstruct(batch[:4])
             mse = F.mse_loss(recon, batch[:4]).clamp_min(1e-10)
             self.log("val/psnr", 10 * torch.log10(1 / mse), batch_size=min(4, batch.shape[0]), sync_dist=True)
-            scores = [ms_ssim(_uint8(a), _uint8(b)) for a, b in zip(batch[:4], recon)]
+            scores = [ms_ssim(as_rgb8(a), as_rgb8(b)) for a, b in zip(batch[:4], recon)]
             scores = [v for v in scores if v == v]  # NaN below 176 pixels: too small for 5 scales
             if scores:
                 self.log("val/ms_ssim", sum(scores) / len(scores), batch_size=len(scores), sync_dist=True)
