@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cod.diffusion.samplers import Sampler, build_sampler
+from cod.errors import ModelDirError
+from cod.files import atomic_write_bytes, sha256_file  # noqa: F401 - re-exported
 from cod.models.condition_codec import TOKEN_STRIDE, required_multiple
 from cod.models.ddt import DDT
 from cod.models.denoiser import CoDDenoiser
@@ -32,34 +34,6 @@ CONFIG_FORMAT = "cod-model"
 CONFIG_VERSION = 1
 DENOISERS = {"PixNerDiT": PixNerDiT, "DDT": DDT}
 LATENT_DOWNSAMPLE = 8  # the SD VAE; condition tokens cover 16x16 pixels = 2x2 latent cells
-
-
-class ModelDirError(ValueError):
-    """A model directory is missing, incomplete or inconsistent (message says what and how to fix it)."""
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions open() would
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def build_config(preset: Preset, preset_name: str | None = None, latent_scale: float | None = None,

@@ -17,6 +17,8 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from cod.errors import CodError
+
 FORMAT_VERSION = 1
 PAYLOAD_FIXED = 0      # fixed-length indices (cod.codec.bitpack)
 PAYLOAD_ENTROPY = 1    # reserved for the entropy-coded mode
@@ -26,7 +28,7 @@ FLOAT16_MAX = 65504.0  # largest finite IEEE half: the guidance scale is stored 
 SAMPLER_IDS = ("adam2", "adam1", "adam3", "adam4", "euler", "euler_sde", "euler_sde_mean", "euler_sde_preserve")
 
 
-class BitstreamError(ValueError):
+class BitstreamError(CodError):
     """A .cod file that cannot be decoded (malformed, corrupted, truncated, or written by another model)."""
 
 

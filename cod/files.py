@@ -1,0 +1,269 @@
+"""Reading and writing files safely, with no model knowledge (the engine, the codec and training all use these).
+
+- Inputs are read only from regular files (never a FIFO, a device or a directory), opened without blocking, and
+  never past a size limit checked before the read: `read_bytes_bounded`.
+- A file is written through a temporary file in the same folder and appears whole or not at all; an existing
+  file is replaced only when asked (`overwrite=True`), and the no-overwrite case is atomic too (a hard link
+  cannot replace a file another process created meanwhile): `atomic_write_bytes`.
+- A directory (a model directory, an export) is assembled in a temporary folder beside it and renamed into place
+  as a whole: `atomic_directory`.
+- Errors name the user's path, never a temporary file.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from cod.errors import InputError, LimitError, OutputExistsError
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def describe_mode(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def regular_file_stat(path: str | os.PathLike, what: str = "file") -> os.stat_result:
+    """stat() of a regular file (symbolic links followed), else an InputError naming the path and what it is."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise InputError(f"{path}: broken symbolic link (it points to {os.readlink(path)}, which does not "
+                             f"exist)") from None
+        raise InputError(f"{path}: no such {what}") from None
+    except PermissionError:
+        raise InputError(f"{path}: permission denied") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{path}: is {describe_mode(st.st_mode)}, not a {what}; cod reads regular files only")
+    return st
+
+
+def read_bytes_bounded(path: str | os.PathLike, max_bytes: int, what: str = "file") -> bytes:
+    """The bytes of a regular file of at most max_bytes. The size is checked before reading and the read itself
+    stops after max_bytes + 1 (a file that grows meanwhile is refused too); the file is opened non-blocking, so a
+    FIFO swapped in after the check cannot hang the open."""
+    path = Path(path)
+    st = regular_file_stat(path, what)
+    too_big = LimitError(f"{path}: {st.st_size} bytes is larger than any {what} cod reads ({max_bytes} bytes); "
+                         f"is it the right file?")
+    if st.st_size > max_bytes:
+        raise too_big
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise InputError(f"{path}: cannot be opened ({e.strerror or e})") from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise InputError(f"{path}: is {describe_mode(mode)}, not a {what}; cod reads regular files only")
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as e:
+            raise InputError(f"{path}: read failed ({e.strerror or e})") from None
+    if len(data) > max_bytes:
+        raise too_big
+    return data
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("COD_CACHE_DIR"):
+        return Path(os.environ["COD_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cod"
+
+
+HASH_CACHE_ENTRIES = 256
+
+
+def _hash_key(path: Path, st: os.stat_result) -> list:
+    # ctime changes with every write and cannot be set back by the user (unlike mtime); a replaced file has a
+    # new inode. Any change to the file therefore changes the key and forces a new hash.
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def sha256_file_cached(path: str | os.PathLike) -> str:
+    """sha256 of a file, remembered in the user's cache folder ($COD_CACHE_DIR, else $XDG_CACHE_HOME/cod or
+    ~/.cache/cod) under the file's identity (device, inode, size, mtime and ctime): a file that has not been
+    written since it was last hashed is not read again. A cache that cannot be read or written is ignored."""
+    path = Path(path).resolve()
+    st = os.stat(path)
+    key = _hash_key(path, st)
+    cache_file = _cache_dir() / "sha256.json"
+    try:
+        cache = json.loads(cache_file.read_text()) if cache_file.is_file() and \
+            cache_file.stat().st_size < 4 * MiB else {}
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError, RecursionError):
+        cache = {}
+    entry = cache.get(str(path))
+    if isinstance(entry, dict) and entry.get("key") == key and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = sha256_file(path)
+    if _hash_key(path, os.stat(path)) != key:  # written while we read it: do not remember
+        return digest
+    cache.pop(str(path), None)
+    cache[str(path)] = {"key": key, "sha256": digest}
+    while len(cache) > HASH_CACHE_ENTRIES:
+        cache.pop(next(iter(cache)))
+    with contextlib.suppress(OSError):
+        atomic_write_bytes(cache_file, json.dumps(cache).encode(), overwrite=True)
+    return digest
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = False) -> None:
+    """Write `data` to `path` through a temporary file in the same folder: the file appears whole or not at all.
+
+    overwrite=False refuses an existing path (OutputExistsError), atomically: the finished file is hard-linked into
+    place, which fails if another process created the path meanwhile. A failure (full disk, permissions) leaves
+    nothing behind and raises an OSError naming `path`, not the temporary file."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputExistsError(f"{path}: is a directory, so a file cannot be written there; choose another name")
+    if not overwrite and os.path.lexists(path):
+        raise OutputExistsError(f"{path} exists already: pass --overwrite to replace it, or choose another output")
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the permissions open() would
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise OutputExistsError(f"{path} exists already (created while cod was writing it): pass "
+                                        f"--overwrite to replace it, or choose another output") from None
+            except OSError as e:  # no hard links here (some network and FAT file systems): check, then rename
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK,
+                                   errno.ENOSYS):
+                    raise
+                if os.path.lexists(path):
+                    raise OutputExistsError(f"{path} exists already: pass --overwrite to replace it") from None
+                os.replace(tmp, path)
+            else:
+                os.unlink(tmp)
+        tmp = None
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write it: {e.strerror or e} (nothing was written)", str(path)) from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def check_outputs(targets: Iterable[str | os.PathLike], inputs: Iterable[str | os.PathLike] = (),
+                  overwrite: bool = False) -> None:
+    """Refuse, before any work, outputs that are one of the inputs (always), that are directories (always), or
+    that exist (unless overwrite). One error names the first few offenders."""
+    targets = [Path(t) for t in targets]
+    input_ids = set()
+    for p in inputs:
+        with contextlib.suppress(OSError):
+            st = os.stat(p)
+            input_ids.add((st.st_dev, st.st_ino))
+    clashes, dirs, existing = [], [], []
+    for t in targets:
+        try:
+            st = os.stat(t)
+        except OSError:
+            if os.path.lexists(t):
+                existing.append(t)  # a broken symbolic link is still something we would replace
+            continue
+        if (st.st_dev, st.st_ino) in input_ids:
+            clashes.append(t)
+        elif stat.S_ISDIR(st.st_mode):
+            dirs.append(t)
+        else:
+            existing.append(t)
+
+    def shown(paths: list[Path]) -> str:
+        return ", ".join(map(str, paths[:3])) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+
+    if clashes:
+        raise OutputExistsError(f"output {shown(clashes)} would replace an input of this command; cod never writes "
+                                f"over its inputs: choose another output (-o)")
+    if dirs:
+        raise OutputExistsError(f"output {shown(dirs)} is a directory; choose another output (-o)")
+    if existing and not overwrite:
+        noun = "exists" if len(existing) == 1 else f"({len(existing)} files) exist"
+        raise OutputExistsError(f"output {shown(existing)} {noun} already: pass --overwrite to replace, or choose "
+                                f"another output (-o)")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; when the block ends without an error, it becomes `path` in
+    one rename (an existing `path` is refused unless overwrite, and then replaced as a whole). On any error, or
+    if the process is killed, `path` is untouched; a killed process leaves only a hidden `.NAME.partial-*`
+    folder beside it."""
+    path = Path(path)
+    if os.path.lexists(path) and not overwrite:
+        raise OutputExistsError(f"{path} exists already: pass --overwrite to replace it, or choose another output")
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"{path} exists and is not a directory; choose another output")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    except OSError as e:
+        raise OSError(e.errno, f"cannot create it: {e.strerror or e}", str(path)) from None
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
+        if os.path.lexists(path):
+            if not overwrite:
+                raise OutputExistsError(f"{path} exists already (created while cod was writing it): pass "
+                                        f"--overwrite to replace it")
+            old = path.with_name(f".{path.name}.old-{secrets.token_hex(4)}")
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.filename is not None and str(tmp) in str(e.filename):
+            raise OSError(e.errno, f"cannot write it: {e.strerror or e} (nothing was written)", str(path)) from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
