@@ -26,3 +26,24 @@ class OutputExistsError(CodError):
 class ModelDirError(CodError):
     """A model directory that is missing, incomplete, inconsistent or tampered with (message says what and how to
     fix it)."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """MemoryError, or torch's RuntimeError for an allocation that failed (CPU or CUDA)."""
+    if isinstance(e, MemoryError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate" in text
+                                            or "cannot allocate" in text)
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for a failure: the message of a cod error, `path: reason` for an OSError, a hint for memory."""
+    if is_out_of_memory(e):
+        return ("out of memory; lower --max-pixels or --batch-size, decode on a machine with more memory, or "
+                "close other programs")
+    if isinstance(e, OSError) and e.strerror:
+        text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())

@@ -16,9 +16,25 @@ from pathlib import Path
 
 import torch
 
-from cod.model import CoDModel, atomic_write_bytes
+from cod.errors import CodError
+from cod.files import atomic_directory, atomic_write_bytes
+from cod.limits import DEFAULT_MAX_PIXELS, check_pixels
+from cod.model import CoDModel
 
 FORMATS = ("torchscript", "onnx")
+
+
+def check_exportable(fmt: str) -> None:
+    """Refuse a format whose packages are missing, before anything is written."""
+    if fmt not in FORMATS:
+        raise ValueError(f"export format must be one of {FORMATS}, got '{fmt}'")
+    if fmt == "onnx":
+        import importlib.util
+
+        missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise CodError(f"--format onnx needs the package(s) {', '.join(missing)}, which are not installed: "
+                           f"pip install 'cod[onnx]' (or use --format torchscript)")
 
 
 class _Encoder(torch.nn.Module):
@@ -60,13 +76,16 @@ def _example_inputs(model: CoDModel, height: int, width: int, batch: int) -> dic
 
 
 def export(model: CoDModel, out_dir: str | Path, fmt: str = "onnx", height: int = 512, width: int = 512,
-           batch: int = 1) -> dict:
-    if fmt not in FORMATS:
-        raise ValueError(f"export format must be one of {FORMATS}, got '{fmt}'")
+           batch: int = 1, overwrite: bool = False) -> dict:
+    """Write the graphs and manifest.json into out_dir, as a whole (assembled beside it, renamed into place)."""
+    check_exportable(fmt)
+    check_pixels(width, height, DEFAULT_MAX_PIXELS, f"export size {height}x{width}")
     model.check_size(height, width)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model = model.to("cpu").eval()
+    with atomic_directory(Path(out_dir), overwrite) as out:
+        return _export(model.to("cpu").eval(), out, fmt, height, width, batch)
+
+
+def _export(model: CoDModel, out: Path, fmt: str, height: int, width: int, batch: int) -> dict:
     graphs = {"encoder": _Encoder(model.codec), "decoder": _Decoder(model.codec), "step": _Step(model.denoiser)}
     inputs = _example_inputs(model, height, width, batch)
     names = {"encoder": (["images"], ["indices"]), "decoder": (["indices"], ["cond"]),
@@ -79,18 +98,16 @@ def export(model: CoDModel, out_dir: str | Path, fmt: str = "onnx", height: int 
             expected = module(*args)
         suffix = ".pt" if fmt == "torchscript" else ".onnx"
         path = out / f"{name}{suffix}"
-        tmp = path.with_name(f".{path.name}.tmp")
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             if fmt == "torchscript":
                 traced = torch.jit.trace(module, args, check_trace=False)
-                traced.save(str(tmp))
-                actual = torch.jit.load(str(tmp))(*args)
+                traced.save(str(path))
+                actual = torch.jit.load(str(path))(*args)
             else:
-                torch.onnx.export(module, args, str(tmp), dynamo=False, input_names=names[name][0],
+                torch.onnx.export(module, args, str(path), dynamo=False, input_names=names[name][0],
                                   output_names=names[name][1], opset_version=17)
-                actual = _run_onnx(tmp, names[name][0], args)
-        tmp.replace(path)
+                actual = _run_onnx(path, names[name][0], args)
         err = (actual.float() - expected.float()).abs().max().item()
         if expected.dtype == torch.int64 and err != 0:
             raise RuntimeError(f"exported {name} graph gives other indices than PyTorch")

@@ -99,7 +99,9 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """Where cod keeps what it can recompute (verified hashes, cost-model tables): $COD_CACHE_DIR, else
+    $XDG_CACHE_HOME/cod, else ~/.cache/cod."""
     if os.environ.get("COD_CACHE_DIR"):
         return Path(os.environ["COD_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -122,7 +124,7 @@ def sha256_file_cached(path: str | os.PathLike) -> str:
     path = Path(path).resolve()
     st = os.stat(path)
     key = _hash_key(path, st)
-    cache_file = _cache_dir() / "sha256.json"
+    cache_file = cache_dir() / "sha256.json"
     try:
         cache = json.loads(cache_file.read_text()) if cache_file.is_file() and \
             cache_file.stat().st_size < 4 * MiB else {}

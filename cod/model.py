@@ -14,24 +14,29 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import tempfile
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from cod.diffusion.samplers import Sampler, build_sampler
-from cod.errors import ModelDirError
-from cod.files import atomic_write_bytes, sha256_file  # noqa: F401 - re-exported
+from cod.errors import InputError, LimitError, ModelDirError
+from cod.files import (atomic_directory, atomic_write_bytes, read_bytes_bounded, regular_file_stat, sha256_file,
+                       sha256_file_cached)
+from cod.model_config import CONFIG_FORMAT, CONFIG_VERSION, MAX_CONFIG_BYTES, parse_config_bytes, validate_config
 from cod.models.condition_codec import TOKEN_STRIDE, required_multiple
 from cod.models.ddt import DDT
 from cod.models.denoiser import CoDDenoiser
 from cod.models.pixnerdit import PixNerDiT
 from cod.models.presets import DEFAULT_SAMPLING, Preset
-from cod.models.state_dict import StateDictMismatch, load_state_strict
+from cod.models.state_dict import StateDictMismatch, check_state_dict, load_state_strict
 
-CONFIG_FORMAT = "cod-model"
-CONFIG_VERSION = 1
+__all__ = ["CoDModel", "ModelDirError", "atomic_write_bytes", "build_config", "build_denoiser", "load", "new_model",
+           "read_config", "sha256_file", "CONFIG_FORMAT", "CONFIG_VERSION"]
+WEIGHTS_FILE = "model.safetensors"
+OBJECTIVE_FILE = "objective.safetensors"
+VERIFY_MODES = ("cached", "always")
 DENOISERS = {"PixNerDiT": PixNerDiT, "DDT": DDT}
 LATENT_DOWNSAMPLE = 8  # the SD VAE; condition tokens cover 16x16 pixels = 2x2 latent cells
 
@@ -175,7 +180,7 @@ class CoDModel(torch.nn.Module):
     def _ensure_latent(self) -> None:
         """Latent models load their VAE on first use, so that indices and samples need no VAE weights."""
         if self.family == "latent" and self.latent is None:
-            self.latent = _load_latent(self.path or Path("."), self.config["latent"], None).to(self.device)
+            self.latent = _load_latent(self.path or Path("."), self.config, None).to(self.device)
 
     @torch.no_grad()
     def reconstruct(self, images01: torch.Tensor, seeds: int | list[int] = 0, **sampling) -> torch.Tensor:
@@ -211,29 +216,40 @@ class CoDModel(torch.nn.Module):
         return torch.clamp((x + 1) * 127.5 + 0.5, 0, 255).to(torch.uint8)
 
     # ---- persistence ---------------------------------------------------------------------------------------
-    def save(self, out_dir: str | os.PathLike, card: dict | None = None, objective_state: dict | None = None) -> Path:
+    def save(self, out_dir: str | os.PathLike, card: dict | None = None, objective_state: dict | None = None,
+             overwrite: bool = False) -> Path:
+        """Write the model directory as a whole: assembled in a temporary folder beside out_dir and renamed into
+        place, so a crash leaves either no directory or a complete one. An existing out_dir is refused unless
+        overwrite (then it is replaced as a whole)."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        weights = {k: v.detach().contiguous().cpu() for k, v in self.denoiser.state_dict().items()}
-        _atomic_save_safetensors(weights, out / "model.safetensors")
-        config = dict(self.config)
-        if self.latent is not None and config["latent"].get("vae_file"):
-            vae_sd = {k: v.detach().contiguous().cpu() for k, v in self.latent.vae.state_dict().items()}
-            _atomic_save_safetensors(vae_sd, out / config["latent"]["vae_file"])
-        if objective_state:
-            _atomic_save_safetensors({k: v.detach().contiguous().cpu() for k, v in objective_state.items()},
-                                     out / "objective.safetensors")
-        config["fingerprint"] = sha256_file(out / "model.safetensors")
-        atomic_write_bytes(out / "config.json", (json.dumps(config, indent=2) + "\n").encode())
-        atomic_write_bytes(out / "MODEL_CARD.md", render_model_card(config, card or {}).encode())
-        self.config, self.fingerprint, self.path = config, config["fingerprint"], out
+        config = {k: v for k, v in self.config.items() if k not in ("fingerprint", "checksums")}
+        checksums = {}
+        with atomic_directory(out, overwrite) as tmp:
+            weights = {k: v.detach().contiguous().cpu() for k, v in self.denoiser.state_dict().items()}
+            save_file(weights, str(tmp / WEIGHTS_FILE))
+            fingerprint = sha256_file(tmp / WEIGHTS_FILE)
+            vae_file = (config.get("latent") or {}).get("vae_file")
+            if vae_file:
+                if self.latent is not None:
+                    vae_sd = {k: v.detach().contiguous().cpu() for k, v in self.latent.vae.state_dict().items()}
+                    save_file(vae_sd, str(tmp / vae_file))
+                elif self.path is not None and (self.path / vae_file).is_file():  # never loaded: copy it as is
+                    shutil.copyfile(self.path / vae_file, tmp / vae_file)
+                else:
+                    raise ModelDirError(f"cannot save {out}: its config names the VAE file {vae_file}, but the VAE "
+                                        f"is not loaded and no source directory holds it")
+                checksums[vae_file] = sha256_file(tmp / vae_file)
+            if objective_state:
+                save_file({k: v.detach().contiguous().cpu() for k, v in objective_state.items()},
+                          str(tmp / OBJECTIVE_FILE))
+                checksums[OBJECTIVE_FILE] = sha256_file(tmp / OBJECTIVE_FILE)
+            config["fingerprint"] = fingerprint
+            if checksums:
+                config["checksums"] = checksums
+            atomic_write_bytes(tmp / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+            atomic_write_bytes(tmp / "MODEL_CARD.md", render_model_card(config, card or {}).encode())
+        self.config, self.fingerprint, self.path = config, fingerprint, out
         return out
-
-
-def _atomic_save_safetensors(tensors: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
 
 
 def render_model_card(config: dict, card: dict) -> str:
@@ -263,59 +279,125 @@ def render_model_card(config: dict, card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _read_config(path: Path) -> dict:
-    cfg_path = path / "config.json"
+def read_config(path: str | os.PathLike) -> dict:
+    """A model directory's config.json, parsed and validated (cod.model_config); ModelDirError otherwise."""
+    path = Path(path)
     if not path.is_dir():
         raise ModelDirError(f"model directory {path} does not exist; create one with `cod new-model` or "
                             f"`cod import-official`")
-    if not cfg_path.is_file():
+    cfg_path = path / "config.json"
+    if not os.path.lexists(cfg_path):
         raise ModelDirError(f"{path} is not a cod model directory (no config.json)")
     try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelDirError(f"{cfg_path} is not valid JSON: {e}") from None
-    if config.get("format") != CONFIG_FORMAT:
-        raise ModelDirError(f"{cfg_path} is not a cod model config (format={config.get('format')!r})")
-    if config.get("format_version", 0) > CONFIG_VERSION:
-        raise ModelDirError(f"{cfg_path} has format version {config['format_version']}; this cod reads up to "
-                            f"{CONFIG_VERSION}: upgrade cod")
-    return config
+        data = read_bytes_bounded(cfg_path, MAX_CONFIG_BYTES, "model config")
+    except (InputError, LimitError) as e:
+        raise ModelDirError(str(e)) from None
+    return validate_config(parse_config_bytes(data, str(cfg_path)), str(cfg_path))
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu", vae_path: str | None = None) -> CoDModel:
-    """Load a model directory written by `cod new-model` or `cod import-official`."""
-    path = Path(path)
-    config = _read_config(path)
-    weights = path / "model.safetensors"
-    if not weights.is_file():
-        raise ModelDirError(f"{path} has no model.safetensors")
-    denoiser = build_denoiser(config)
+_read_config = read_config  # the name older code imports
+
+
+def weights_file(path: Path, name: str, what: str) -> Path:
+    """path/name as a regular file (a symbolic link to one is fine: its content is verified by sha256)."""
     try:
-        load_state_strict(denoiser, load_file(str(weights)), str(weights))
+        regular_file_stat(path / name, what)
+    except InputError as e:
+        raise ModelDirError(f"{path} is incomplete: {e}") from None
+    return path / name
+
+
+def _safetensors_shapes(path: Path) -> dict[str, torch.Tensor]:
+    """name -> meta tensor of the stored shape, read from the file's header alone (no tensor data is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for every malformed header
+        raise ModelDirError(f"{path} is not a valid safetensors file ({_one_line(e)}); re-copy the model "
+                            f"directory") from None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - see _safetensors_shapes
+        raise ModelDirError(f"{path} is not a valid safetensors file ({_one_line(e)}); re-copy the model "
+                            f"directory") from None
+    bad = [k for k, v in tensors.items() if not v.dtype.is_floating_point]
+    if bad:
+        raise ModelDirError(f"{path}: tensor {bad[0]} is {tensors[bad[0]].dtype}, not floating point")
+    return tensors
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def verify_file(path: Path, expected: str, config_path: Path, verify: str) -> None:
+    """Refuse a weights file whose sha256 is not the one config.json records."""
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+    digest = sha256_file(path) if verify == "always" else sha256_file_cached(path)
+    if digest != expected:
+        raise ModelDirError(f"{path} does not match {config_path}: its sha256 is {digest[:16]}..., the config "
+                            f"records {expected[:16]}...: the file was modified, damaged, or belongs to another "
+                            f"model. Copy the model directory again (or re-create it)")
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", vae_path: str | None = None,
+         verify: str = "cached") -> CoDModel:
+    """Load a model directory written by `cod new-model`, `cod import-official` or `cod fit`.
+
+    Nothing in it is trusted: config.json is validated (cod.model_config); the denoiser is built on the meta device
+    and compared with the shapes in the weights file's header before any memory is allocated; the weights' sha256
+    must equal the fingerprint in config.json (verify="cached" remembers verified files by identity and ctime in
+    the user's cache folder, so an unchanged XL model is not re-hashed at every load; "always" re-hashes)."""
+    path = Path(path)
+    config = read_config(path)
+    weights = weights_file(path, WEIGHTS_FILE, "weights file")
+    with torch.device("meta"):
+        denoiser = build_denoiser(config)
+    try:
+        check_state_dict(denoiser, _safetensors_shapes(weights), str(weights))
     except StateDictMismatch as e:
         raise ModelDirError(str(e)) from None
+    verify_file(weights, config["fingerprint"], path / "config.json", verify)
+    denoiser = denoiser.to_empty(device="cpu")
+    load_state_strict(denoiser, _read_tensors(weights), str(weights))
     latent = None
     lat = config.get("latent") or {}
     if config["family"] == "latent" and (lat.get("vae_file") or vae_path or os.environ.get("COD_VAE_PATH")):
-        latent = _load_latent(path, lat, vae_path)  # otherwise loaded (or its absence explained) on first use
+        latent = _load_latent(path, config, vae_path, verify)  # otherwise loaded (or its absence explained) on use
     model = CoDModel(config, denoiser.eval(), latent, path)
-    model.fingerprint = config.get("fingerprint") or sha256_file(weights)
+    model.fingerprint = config["fingerprint"]
     return model.to(device)
 
 
-def _load_latent(path: Path, latent_cfg: dict, vae_path: str | None):
+def _load_latent(path: Path, config: dict, vae_path: str | None, verify: str = "cached"):
     from cod.models.vae import VAE_PRESETS, AutoencoderKL, LatentSpace, load_vae, resolve_vae_path
 
-    if latent_cfg.get("vae_file") and vae_path is None:
+    latent_cfg = config["latent"]
+    vae_file = latent_cfg.get("vae_file")
+    if vae_file and vae_path is None:
+        file = weights_file(path, vae_file, "VAE weights file")
+        expected = (config.get("checksums") or {}).get(vae_file)
+        if expected:
+            verify_file(file, expected, path / "config.json", verify)
         vae = AutoencoderKL(VAE_PRESETS[latent_cfg["vae_preset"]])
-        load_state_strict(vae, load_file(str(path / latent_cfg["vae_file"])), str(path / latent_cfg["vae_file"]))
+        try:
+            load_state_strict(vae, _read_tensors(file), str(file))
+        except StateDictMismatch as e:
+            raise ModelDirError(str(e)) from None
     else:
         vae = load_vae(resolve_vae_path(vae_path), preset=latent_cfg["vae_preset"])
     return LatentSpace(vae, scale=latent_cfg["scale"])
 
 
 def new_model(preset_name: str, out_dir: str | os.PathLike | None = None, seed: int = 0, ds: int | None = None,
-              bits: int | None = None, up2x: bool | None = None, rope_step: float | None = None) -> CoDModel:
+              bits: int | None = None, up2x: bool | None = None, rope_step: float | None = None,
+              overwrite: bool = False) -> CoDModel:
     """A randomly initialised model of a preset (written to out_dir when given)."""
     from cod.models.presets import get_preset
 
@@ -333,5 +415,6 @@ def new_model(preset_name: str, out_dir: str | os.PathLike | None = None, seed: 
         latent = LatentSpace(AutoencoderKL(VAE_PRESETS[preset.vae_preset]), scale=config["latent"]["scale"])
     model = CoDModel(config, denoiser, latent)
     if out_dir is not None:
-        model.save(out_dir, card={"provenance": f"random initialisation (seed {seed}) by `cod new-model`"})
+        model.save(out_dir, card={"provenance": f"random initialisation (seed {seed}) by `cod new-model`"},
+                   overwrite=overwrite)
     return model

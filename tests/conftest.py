@@ -23,6 +23,14 @@ VARIANTS = ("pixel_ds32_up2x", "pixel_ds32_stage1", "latent_ds32_up2x", "latent_
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def _run_in_a_temporary_folder(tmp_path_factory, monkeypatch):
+    """Every test runs in its own empty working folder (nothing a test writes lands in the checkout), with its own
+    cod cache folder (verified hashes, cost-model tables)."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+    monkeypatch.setenv("COD_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cod-cache"))
+
+
 def require(path: Path) -> Path:
     """Skip locally when the shared data is absent; in CI (CI=true) that is a failure, since parity with the
     official implementation must never pass by being skipped."""

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cod.codec.images import IMAGE_SUFFIXES, collect_inputs, read_image, write_png
+from cod.errors import InputError
+from cod.images import IMAGE_SUFFIXES, collect_inputs, read_image, write_png
 
 
 def rand_image(h, w, seed=0):
@@ -97,7 +98,7 @@ def test_unreadable_files_are_named(tmp_path, content, message):
     with pytest.raises(ValueError, match=message) as e:
         read_image(path)
     assert str(path) in str(e.value)
-    with pytest.raises(FileNotFoundError, match="no such image file"):
+    with pytest.raises(InputError, match="no such image file"):
         read_image(tmp_path / "missing.png")
 
 
@@ -113,7 +114,7 @@ def test_inputs_from_files_folders_and_globs(tmp_path):
         collect_inputs([str(tmp_path / "sub")], {".cod"})
     with pytest.raises(ValueError, match="matches no files"):
         collect_inputs([str(tmp_path / "*.tif")])
-    with pytest.raises(FileNotFoundError, match="no such file or directory"):
+    with pytest.raises(InputError, match="no such file or directory"):
         collect_inputs([str(tmp_path / "nothing.png")])
     assert {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff"} <= IMAGE_SUFFIXES
 

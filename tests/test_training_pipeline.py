@@ -77,17 +77,27 @@ def test_xl_config_instantiates_on_the_meta_device():
     assert net.y_embedder.stride == 16 and net.y_embedder.decoder.ada is None
 
 
-def test_tiny_config_runs_through_the_cli(tmp_path, monkeypatch):
+def test_readme_training_command_runs_with_only_a_step_cap(tmp_path, monkeypatch, capsys):
+    """`cod fit --config conf/tiny.yaml` exactly as the README says (only the step count capped): it once failed
+    because val_check_interval (100) exceeded the 62 batches of an epoch."""
     require(TRAIN256)
     monkeypatch.chdir(tmp_path)
-    assert main(["fit", "--config", str(CONF / "tiny.yaml"), "--trainer.max_steps", "2",
-                 "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false"]) == 0
+    assert main(["fit", "--config", str(CONF / "tiny.yaml"), "--trainer.max_steps", "3"]) == 0
+    out = capsys.readouterr()
     assert (tmp_path / "runs" / "tiny" / "model" / "model.safetensors").is_file()
+    assert "runs/tiny/model" in out.out  # where the model went
+    assert "args parameter" not in out.err and "Tip:" not in out.out + out.err
+    # a second run would replace the exported model: refused before training, the model untouched
+    before = (tmp_path / "runs" / "tiny" / "model" / "model.safetensors").read_bytes()
+    assert main(["fit", "--config", str(CONF / "tiny.yaml"), "--trainer.max_steps", "3"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("cod: error:") == 1 and "export_dir" in err and "exists" in err
+    assert (tmp_path / "runs" / "tiny" / "model" / "model.safetensors").read_bytes() == before
 
 
 def test_bad_configs_give_one_clear_error(tmp_path, capsys):
     assert main(["fit", "--config", str(tmp_path / "missing.yaml")]) == 1
-    assert "not found" in capsys.readouterr().err
+    assert "no such config file" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"extends: {CONF / 'tiny.yaml'}\ndata:\n  train: {tmp_path / 'no-such-folder'}\n")
     assert main(["fit", "--config", str(bad), "--trainer.max_steps", "1"]) == 1

@@ -21,31 +21,17 @@ from cod.codec import container
 from cod.codec.bitpack import pack_indices, packed_size, unpack_indices
 from cod.codec.container import BitstreamError, DecodeParams, Header
 from cod.compat.official_format import read_official, write_official
+from cod.files import MiB
+from cod.images import as_rgb8  # noqa: F401 - part of this module's API
+from cod.limits import Limits, check_pixels
+from cod.model_config import DETERMINISTIC_SAMPLERS
 
 FORMATS = ("cod", "official")
 # The SDE samplers draw fresh noise at every step from the global RNG, so a file decoded with them would not
 # give the same pixels twice; the codec offers only the deterministic (ODE) samplers.
-CODEC_SAMPLERS = ("adam1", "adam2", "adam3", "adam4", "euler")
-
-
-def as_rgb8(image) -> np.ndarray:
-    """HxWx3 uint8 array, PIL image, or [3,H,W] tensor (uint8, or float in [0, 1]) -> HxWx3 uint8 array."""
-    if isinstance(image, np.ndarray):
-        arr = image
-    elif isinstance(image, torch.Tensor):
-        arr = image.detach().cpu()
-        if arr.dtype.is_floating_point:
-            arr = (arr.clamp(0, 1) * 255).round().to(torch.uint8)
-        arr = arr.permute(1, 2, 0).numpy() if arr.ndim == 3 and arr.shape[0] == 3 else arr.numpy()
-    else:  # PIL image
-        from cod.codec.images import to_rgb8
-
-        arr = to_rgb8(image)
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-        raise ValueError(f"expected an HxWx3 uint8 RGB image, got shape {arr.shape} and dtype {arr.dtype}")
-    if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ValueError(f"empty image of shape {arr.shape}")
-    return arr
+CODEC_SAMPLERS = DETERMINISTIC_SAMPLERS
+# No .cod file is larger: a 64-megapixel image at 16 bits per 4x4 pixels is 8 MiB of payload.
+MAX_FILE_BYTES = 64 * MiB
 
 
 def padded_size(model, height: int, width: int) -> tuple[int, int]:
@@ -111,8 +97,11 @@ def stored_params(model, fmt: str = "cod", sampler: str | None = None, steps: in
     return params
 
 
-def check_compressible(model, height: int, width: int, fmt: str = "cod") -> None:
-    """Raise ValueError unless an image of this size can be written in `fmt` (checked before any coding work)."""
+def check_compressible(model, height: int, width: int, fmt: str = "cod", limits: Limits = Limits(),
+                       name: str = "image") -> None:
+    """Raise ValueError unless an image of this size can be written in `fmt` within the limits (checked before any
+    coding work)."""
+    check_pixels(width, height, limits.max_pixels, name)
     container.check_size(height, width)
     if fmt == "official" and (height, width) != padded_size(model, height, width):
         raise ValueError(f"the official format cannot restore a {height}x{width} image: its sides must be "
@@ -120,13 +109,15 @@ def check_compressible(model, height: int, width: int, fmt: str = "cod") -> None
 
 
 def compress(model, images, fmt: str = "cod", batch_size: int = 1, sampler: str | None = None,
-             steps: int | None = None, cfg: float | None = None, seed: int | None = None) -> list[bytes]:
+             steps: int | None = None, cfg: float | None = None, seed: int | None = None,
+             limits: Limits = Limits()) -> list[bytes]:
     """RGB images (HxWx3 uint8 arrays, PIL images, [3,H,W] tensors or a [B,3,H,W] float batch), any size ->
-    one file's bytes each. Sampling options are stored in the file when they differ from the model's defaults."""
+    one file's bytes each. Sampling options are stored in the file when they differ from the model's defaults.
+    Images over limits.max_pixels are refused before any coding work."""
     params = stored_params(model, fmt, sampler, steps, cfg, seed)
     arrays = [as_rgb8(image) for image in images]
-    for arr in arrays:
-        check_compressible(model, *arr.shape[:2], fmt)
+    for i, arr in enumerate(arrays):
+        check_compressible(model, *arr.shape[:2], fmt, limits, name=f"image {i}")
     out: list[bytes] = [b""] * len(arrays)
     for group in batches([padded_size(model, *a.shape[:2]) for a in arrays], batch_size):
         indices = model.encode(_padded_batch([arrays[i] for i in group], model)).cpu().numpy()
@@ -139,15 +130,19 @@ def compress(model, images, fmt: str = "cod", batch_size: int = 1, sampler: str 
     return out
 
 
-def parse(model, data: bytes, fmt: str = "cod") -> tuple[Header, np.ndarray]:
-    """File bytes -> (header, indices [h, w]) after every check; raises BitstreamError/ValueError."""
+def parse(model, data: bytes, fmt: str = "cod", limits: Limits = Limits()) -> tuple[Header, np.ndarray]:
+    """File bytes -> (header, indices [h, w]) after every check; raises BitstreamError/LimitError. The declared
+    size is checked against limits.max_pixels before anything of that size is allocated."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got '{fmt}'")
+    if len(data) > MAX_FILE_BYTES:
+        raise BitstreamError(f"{len(data)} bytes is larger than any .cod file ({MAX_FILE_BYTES} bytes)")
     if fmt == "official":
         H, W, payload = read_official(data)
         if (H, W) != padded_size(model, H, W):
             raise BitstreamError(f"official file says {H}x{W}, which is not a multiple of this model's "
                                  f"{model.size_multiple}-pixel size multiple: wrong model or corrupted file")
+        check_pixels(W, H, limits.max_pixels, "the file's image")
         need = payload_size(model, H, W)
         if len(payload) != need:
             raise BitstreamError(f"official file holds {len(payload)} payload bytes; a {H}x{W} image needs {need} "
@@ -155,6 +150,7 @@ def parse(model, data: bytes, fmt: str = "cod") -> tuple[Header, np.ndarray]:
         header = Header(H, W, container.model_tag(model.fingerprint))
     else:
         header, payload = container.read(data, model.fingerprint, lambda h, w: payload_size(model, h, w))
+        check_pixels(header.width, header.height, limits.max_pixels, "the file's image")
     ph, pw = padded_size(model, header.height, header.width)
     h, w = ph // model.codec.stride, pw // model.codec.stride
     indices = unpack_indices(payload, h * w, model.codec.bits).reshape(h, w)
@@ -179,23 +175,42 @@ def decode_options(header: Header, sampler: str | None = None, steps: int | None
     return options, seed if seed is not None else (p.seed if p else 0)
 
 
-def iter_decoded(model, items: list[tuple[Header, np.ndarray]], batch_size: int = 1,
-                 **overrides) -> Iterator[tuple[int, np.ndarray]]:
-    """Parsed files -> (position in items, HxWx3 uint8 image at its original size), batch by batch: files of
-    equal padded size and sampling options are decoded together, batch_size at a time. overrides: sampler,
-    steps, cfg, seed (all checked before the first batch is sampled)."""
+def check_decodable(model, header: Header, options: dict, limits: Limits = Limits(), name: str = "file") -> None:
+    """Refuse a parsed file whose decode is over the limits (pixels, steps, estimated work), before sampling."""
+    steps = options.get("steps", model.config["sampling"]["steps"])
+    limits.check_decode(model, header.height, header.width, int(steps), name)
+
+
+def decode_groups(model, items: list[tuple[Header, np.ndarray]], batch_size: int = 1, limits: Limits = Limits(),
+                  **overrides) -> list[tuple[list[int], dict, list[int]]]:
+    """Plan the decoding of parsed files: (positions in items, sampling options, seeds) per batch. Files of equal
+    padded size and sampling options share a batch, batch_size at a time. Every option and limit is checked here,
+    before anything is sampled."""
     resolved = [decode_options(header, **overrides) for header, _ in items]
+    for (header, _), (options, _) in zip(items, resolved):
+        check_decodable(model, header, options, limits)
     keys = [(padded_size(model, h.height, h.width), tuple(sorted(opts.items())))
             for (h, _), (opts, _) in zip(items, resolved)]
-    for group in batches(keys, batch_size):
-        (ph, pw), options = keys[group[0]][0], resolved[group[0]][0]
-        idx = torch.from_numpy(np.stack([items[i][1] for i in group]))
-        images = model.decode(idx, ph, pw, seeds=[resolved[i][1] for i in group], **options).cpu()
-        for i, img in zip(group, images):
-            h = items[i][0]
-            yield i, img[:, : h.height, : h.width].permute(1, 2, 0).numpy().copy()
+    return [(group, resolved[group[0]][0], [resolved[i][1] for i in group]) for group in batches(keys, batch_size)]
 
 
-def decompress(model, data: bytes, fmt: str = "cod", **overrides) -> np.ndarray:
-    """File bytes -> HxWx3 uint8 image at the exact original size. overrides: sampler, steps, cfg, seed."""
-    return next(iter_decoded(model, [parse(model, data, fmt)], **overrides))[1]
+def decode_group(model, items: list[tuple[Header, np.ndarray]], options: dict, seeds: list[int]) -> list[np.ndarray]:
+    """Parsed files of one padded size and options -> HxWx3 uint8 images at their original sizes."""
+    ph, pw = padded_size(model, items[0][0].height, items[0][0].width)
+    idx = torch.from_numpy(np.stack([indices for _, indices in items]))
+    images = model.decode(idx, ph, pw, seeds=seeds, **options).cpu()
+    return [img[:, : h.height, : h.width].permute(1, 2, 0).numpy().copy() for (h, _), img in zip(items, images)]
+
+
+def iter_decoded(model, items: list[tuple[Header, np.ndarray]], batch_size: int = 1, limits: Limits = Limits(),
+                 **overrides) -> Iterator[tuple[int, np.ndarray]]:
+    """Parsed files -> (position in items, HxWx3 uint8 image at its original size), batch by batch (see
+    decode_groups). overrides: sampler, steps, cfg, seed (all checked before the first batch is sampled)."""
+    for group, options, seeds in decode_groups(model, items, batch_size, limits, **overrides):
+        yield from zip(group, decode_group(model, [items[i] for i in group], options, seeds))
+
+
+def decompress(model, data: bytes, fmt: str = "cod", limits: Limits = Limits(), **overrides) -> np.ndarray:
+    """File bytes -> HxWx3 uint8 image at the exact original size. overrides: sampler, steps, cfg, seed. A file
+    whose decode is over the limits (pixels, steps, estimated work) is refused with a LimitError."""
+    return next(iter_decoded(model, [parse(model, data, fmt, limits)], limits=limits, **overrides))[1]

@@ -1,19 +1,24 @@
 """`cod compress / decompress / evaluate`: thin wrappers over cod.codec.api. Registered into cod/cli.py.
 
-With several inputs, a file that cannot be read or coded does not stop the others: it gets no output, and the
-command ends with one `cod: error:` line naming every such file and exit status 1.
+Before any work: every output is checked (one that exists is refused unless --overwrite; one that is an input
+is always refused), and so are the options. With several inputs, a file that cannot be read, is over a limit
+or fails to code does not stop the others: it gets no output, and the command ends with one `cod: error:` line
+naming every such file and exit status 1.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 import warnings
 from pathlib import Path
 
-from cod.codec.images import IMAGE_SUFFIXES, collect_inputs
+from cod.errors import describe_error, is_out_of_memory
+from cod.images import IMAGE_SUFFIXES, collect_inputs
+from cod.limits import DEFAULT_MAX_PIXELS, DEFAULT_MAX_STEPS, DEFAULT_MAX_TFLOP, Limits
 
 
-def _positive(value: str) -> int:
+def positive_int(value: str) -> int:
     try:
         n = int(value)
     except ValueError:
@@ -23,22 +28,51 @@ def _positive(value: str) -> int:
     return n
 
 
+def positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        x = float("nan")
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got '{value}'")
+    return x
+
+
+def add_limit_arguments(p) -> None:
+    p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse images with more pixels than this (default {DEFAULT_MAX_PIXELS}, 4096x4096)")
+    p.add_argument("--max-steps", type=positive_int, default=DEFAULT_MAX_STEPS,
+                   help=f"refuse decodes with more sampling steps (default {DEFAULT_MAX_STEPS})")
+    p.add_argument("--max-tflop", type=positive_float,
+                   help="refuse decodes whose estimated work is larger, in TFLOP (default: "
+                        + ", ".join(f"{v:g} on {k}" for k, v in DEFAULT_MAX_TFLOP.items()) + ")")
+
+
+def limits_from(args) -> Limits:
+    return Limits(args.max_pixels, args.max_steps, args.max_tflop)
+
+
+def add_overwrite_argument(p, what: str = "existing outputs") -> None:
+    p.add_argument("--overwrite", action="store_true", help=f"replace {what} (never the inputs)")
+
+
 def _add_arguments(p, inputs_help: str) -> None:
     from cod.codec.api import CODEC_SAMPLERS
 
     p.add_argument("inputs", nargs="+", help=inputs_help)
     p.add_argument("--model", required=True, help="model directory (cod new-model / import-official / fit)")
-    p.add_argument("--steps", type=_positive, help="sampling steps (default: the model's, 25)")
+    p.add_argument("--steps", type=positive_int, help="sampling steps (default: the model's, see `cod info`)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's)")
-    p.add_argument("--sampler", choices=CODEC_SAMPLERS, help="sampler (default: the model's, adam2)")
+    p.add_argument("--sampler", choices=CODEC_SAMPLERS, help="sampler (default: the model's)")
     p.add_argument("--seed", type=int, help="noise seed, 0 to 2^32-1 (default 0)")
     p.add_argument("--recursive", "-r", action="store_true", help="take files in subfolders of input folders too")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    add_limit_arguments(p)
     p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="print nothing but errors")
 
 
 def _batch_size_argument(p, effect: str) -> None:
-    p.add_argument("--batch-size", type=_positive, default=1,
+    p.add_argument("--batch-size", type=positive_int, default=1,
                    help=f"code up to this many images of equal padded size together (default 1); {effect}")
 
 
@@ -47,6 +81,7 @@ def register(sub) -> None:
     _add_arguments(p, "image files (PNG/JPEG/WebP/TIFF/BMP), folders or glob patterns")
     _batch_size_argument(p, "the files are identical at any batch size")
     p.add_argument("-o", "--out", required=True, help="output folder (or .cod file, for one input)")
+    add_overwrite_argument(p, "existing .cod files")
     p.add_argument("--format", choices=["cod", "official"], default="cod",
                    help="cod: our checked container, any size (default); official: the release's 4-byte header, "
                         "sides multiples of the model's size multiple only")
@@ -56,6 +91,7 @@ def register(sub) -> None:
     _add_arguments(p, ".cod files, folders (their .cod files) or glob patterns")
     _batch_size_argument(p, "faster on GPU, but a pixel may then differ by one level from decoding the file alone")
     p.add_argument("-o", "--out", required=True, help="output folder (or .png file, for one input)")
+    add_overwrite_argument(p, "existing PNG files")
     p.add_argument("--format", choices=["cod", "official"], default="cod",
                    help="format of the input files (official: the release's; decoded with the model's defaults "
                         "unless sampling options are given)")
@@ -64,6 +100,7 @@ def register(sub) -> None:
     p = sub.add_parser("evaluate", help="rate/distortion of CoD vs JPEG/WebP/AVIF at matched size")
     _add_arguments(p, "image files, folders or glob patterns")
     p.add_argument("--out-dir", default="cod-eval", help="where per_image.csv/json, summary.json, rd.png go")
+    add_overwrite_argument(p, "the reports of an earlier evaluation in --out-dir")
     p.add_argument("--anchors", default="jpeg,webp,avif", help="comma-separated classical codecs, or 'none'")
     p.add_argument("--lpips-weights", help="local torchvision alexnet-owt-7be5be79.pth, to report LPIPS")
     p.add_argument("--dists-weights", help="local torchvision vgg16-397923af.pth, to report DISTS")
@@ -71,14 +108,28 @@ def register(sub) -> None:
     p.set_defaults(func=_cmd_evaluate)
 
 
-def _load(args):
+def parse_device(name: str):
+    """--device as a torch.device that this machine has, else a ValueError saying what to use."""
     import torch
 
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name}: not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name} asked for, but no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: cod runs on cpu or cuda")
+    return device
+
+
+def load_model(args):
     import cod
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device} asked for, but no CUDA device is available")
-    return cod.load(args.model, device=args.device)
+    return cod.load(args.model, device=parse_device(args.device))
 
 
 def _progress(args, total: int, desc: str):
@@ -117,59 +168,73 @@ def _finish(args, failures: list[str], total: int, done: str) -> None:
         print(done)
 
 
-def _read(args, path: Path):
+def _read(args, path: Path, max_pixels: int):
     """read_image with its warnings (alpha dropped, ...) as one plain line each on stderr."""
-    from cod.codec.images import read_image
+    from cod.images import read_image
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        image = read_image(path)
+        image = read_image(path, max_pixels)
     if not args.quiet:
         for w in caught:
             print(f"cod: warning: {w.message}", file=sys.stderr)
     return image
 
 
+def failure_message(e: BaseException) -> str | None:
+    """The one-line reason for a failure that concerns one input, or None for one that should stop the command."""
+    if isinstance(e, (ValueError, OSError, MemoryError)) or is_out_of_memory(e):
+        return describe_error(e)
+    return None
+
+
 def _cmd_compress(args) -> None:
     from cod.codec import api
-    from cod.model import atomic_write_bytes
+    from cod.files import atomic_write_bytes, check_outputs
 
     inputs = collect_inputs(args.inputs, IMAGE_SUFFIXES, args.recursive)
     targets = _targets(inputs, args.out, ".cod")
-    model = _load(args)
+    check_outputs(targets, inputs, args.overwrite)
+    limits = limits_from(args)
+    model = load_model(args)
     api.stored_params(model, args.format, **_sampling(args))  # bad sampling options fail before any reading
     failures: list[str] = []
-    pending: dict[tuple[int, int], list[tuple[Path, object]]] = {}  # padded size -> (target, image)
+    pending: dict[tuple[int, int], list[tuple[Path, Path, object]]] = {}  # padded size -> (source, target, image)
     total = 0
     bar = _progress(args, len(inputs), "compress")
 
     def flush(size: tuple[int, int]) -> None:
         nonlocal total
         group = pending.pop(size)
-        datas = api.compress(model, [image for _, image in group], fmt=args.format, batch_size=len(group),
-                             **_sampling(args))
-        for (dst, _), data in zip(group, datas):
-            atomic_write_bytes(dst, data)
-            total += len(data)
+        try:
+            datas = api.compress(model, [image for _, _, image in group], fmt=args.format, batch_size=len(group),
+                                 limits=limits, **_sampling(args))
+        except Exception as e:  # noqa: BLE001 - one failing batch (e.g. out of memory) must not stop the others
+            reason = failure_message(e)
+            if reason is None:
+                raise
+            failures.extend(f"{src}: {reason}" for src, _, _ in group)
+            bar.update(len(group))
+            return
+        for (src, dst, _), data in zip(group, datas):
+            try:
+                atomic_write_bytes(dst, data, overwrite=args.overwrite)
+                total += len(data)
+            except (ValueError, OSError) as e:
+                failures.append(failure_message(e))
         bar.update(len(group))
-
-    def fail(message: str) -> None:
-        failures.append(message)
-        bar.update(1)
 
     for src, dst in zip(inputs, targets):
         try:
-            image = _read(args, src)
-        except (ValueError, OSError) as e:  # read_image's messages name the file
-            fail(str(e))
-            continue
-        try:
-            api.check_compressible(model, *image.shape[:2], args.format)
-        except ValueError as e:
-            fail(f"{src}: {e}")
+            image = _read(args, src, limits.max_pixels)
+            api.check_compressible(model, *image.shape[:2], args.format, limits, str(src))
+        except (ValueError, OSError) as e:  # the messages name the file
+            message = failure_message(e)
+            failures.append(message if str(src) in message else f"{src}: {message}")
+            bar.update(1)
             continue
         size = api.padded_size(model, *image.shape[:2])
-        pending.setdefault(size, []).append((dst, image))
+        pending.setdefault(size, []).append((src, dst, image))
         if len(pending[size]) == args.batch_size:
             flush(size)
     for size in list(pending):
@@ -181,33 +246,54 @@ def _cmd_compress(args) -> None:
 
 def _cmd_decompress(args) -> None:
     from cod.codec import api
-    from cod.codec.images import write_png
+    from cod.files import check_outputs, read_bytes_bounded
+    from cod.images import write_png
 
     inputs = collect_inputs(args.inputs, {".cod"}, args.recursive)
     targets = _targets(inputs, args.out, ".png")
-    model = _load(args)
+    check_outputs(targets, inputs, args.overwrite)
+    limits = limits_from(args)
+    model = load_model(args)
     failures: list[str] = []
-    parsed, parsed_targets = [], []
+    parsed, parsed_targets, parsed_sources = [], [], []
     for src, dst in zip(inputs, targets):
         try:
-            header, indices = api.parse(model, src.read_bytes(), args.format)
-            api.decode_options(header, **_sampling(args))  # a bad stored or given option fails before sampling
+            data = read_bytes_bounded(src, api.MAX_FILE_BYTES, ".cod file")
+            header, indices = api.parse(model, data, args.format, limits)
+            options, _ = api.decode_options(header, **_sampling(args))  # bad stored or given options: before sampling
+            api.check_decodable(model, header, options, limits, str(src))
         except (ValueError, OSError) as e:
-            failures.append(f"{src}: {e}")
+            message = failure_message(e)
+            failures.append(message if message.startswith(str(src)) else f"{src}: {message}")
             continue
         parsed.append((header, indices))
         parsed_targets.append(dst)
+        parsed_sources.append(src)
     bar = _progress(args, len(inputs), "decompress")
     bar.update(len(failures))
-    for i, image in api.iter_decoded(model, parsed, args.batch_size, **_sampling(args)):
-        write_png(parsed_targets[i], image)
-        bar.update(1)
+    for group, options, seeds in api.decode_groups(model, parsed, args.batch_size, limits, **_sampling(args)):
+        try:
+            images = api.decode_group(model, [parsed[i] for i in group], options, seeds)
+        except Exception as e:  # noqa: BLE001 - one failing batch (e.g. out of memory) must not stop the others
+            reason = failure_message(e)
+            if reason is None:
+                raise
+            failures.extend(f"{parsed_sources[i]}: {reason}" for i in group)
+            bar.update(len(group))
+            continue
+        for i, image in zip(group, images):
+            try:
+                write_png(parsed_targets[i], image, overwrite=args.overwrite)
+            except (ValueError, OSError) as e:
+                failures.append(failure_message(e))
+        bar.update(len(group))
     bar.close()
-    _finish(args, failures, len(inputs), f"decompressed {len(parsed)} file(s) -> {args.out}")
+    _finish(args, failures, len(inputs), f"decompressed {len(inputs) - len(failures)} file(s) -> {args.out}")
 
 
 def _cmd_evaluate(args) -> None:
-    from cod.codec.evaluate import ANCHORS, BACKBONES, FID_UNAVAILABLE, evaluate, weights_hint
+    from cod.codec.evaluate import ANCHORS, BACKBONES, FID_UNAVAILABLE, REPORT_FILES, evaluate, weights_hint
+    from cod.files import check_outputs
 
     if args.inception_weights:
         raise ValueError(FID_UNAVAILABLE)
@@ -216,28 +302,41 @@ def _cmd_evaluate(args) -> None:
     if unknown:
         raise ValueError(f"unknown anchor codec(s) {unknown}; choose from {sorted(ANCHORS)} or 'none'")
     inputs = collect_inputs(args.inputs, IMAGE_SUFFIXES, args.recursive)
-    model = _load(args)
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out-dir {out_dir}: exists and is not a folder")
+    check_outputs([out_dir / name for name in REPORT_FILES], inputs, args.overwrite)
+    model = load_model(args)
     weights = {"lpips": args.lpips_weights, "dists": args.dists_weights}
     sampling = _sampling(args)
+    lines = not args.quiet and not sys.stderr.isatty()
 
     def progress(items):
+        """A bar on a terminal; otherwise one line per image on stderr (logs and CI show progress as it happens)."""
         bar = _progress(args, len(items), "evaluate")
-        for item in items:
+        for n, item in enumerate(items, 1):
+            start = time.perf_counter()
             yield item
             bar.update(1)
+            if lines:
+                print(f"evaluate: {n}/{len(items)} {item} ({time.perf_counter() - start:.1f} s)", file=sys.stderr,
+                      flush=True)
         bar.close()
 
-    result = evaluate(model, inputs, Path(args.out_dir), anchors, weights, progress=progress, **sampling)
-    if args.quiet:
-        return
-    shown = ["psnr", "ms_ssim"] + [m for m in BACKBONES if weights[m]]
-    print(f"{'method':8s} {'bpp(file)':>10s} " + " ".join(f"{m.upper().replace('_', '-'):>8s}" for m in shown)
-          + "  matched")
-    for method, s in result["summary"].items():
-        print(f"{method:8s} {s.get('bpp_file', float('nan')):10.5f} "
-              + " ".join(f"{s.get(m, float('nan')):8.4f}" for m in shown)
-              + f"  {'yes' if s['all_matched'] else 'no (smallest file)'}")
-    for m in BACKBONES:
-        if not weights[m]:
-            print(f"({m.upper()} not computed: {weights_hint(m)})")
-    print(f"reports: {args.out_dir}/per_image.csv, per_image.json, summary.json, rd.png")
+    result = evaluate(model, inputs, out_dir, anchors, weights, progress=progress, limits=limits_from(args),
+                      overwrite=args.overwrite, **sampling)
+    if not args.quiet:
+        shown = ["psnr", "ms_ssim"] + [m for m in BACKBONES if weights[m]]
+        print(f"{'method':8s} {'bpp(file)':>10s} " + " ".join(f"{m.upper().replace('_', '-'):>8s}" for m in shown)
+              + "  matched")
+        for method, s in result["summary"].items():
+            print(f"{method:8s} {s.get('bpp_file', float('nan')):10.5f} "
+                  + " ".join(f"{s.get(m, float('nan')):8.4f}" for m in shown)
+                  + f"  {'yes' if s['all_matched'] else 'no (smallest file)'}")
+        for m in BACKBONES:
+            if not weights[m]:
+                print(f"({m.upper()} not computed: {weights_hint(m)})")
+        if result["rows"]:
+            print(f"reports: {out_dir}/" + ", ".join(REPORT_FILES))
+    if result["failures"]:
+        _finish(args, result["failures"], len(inputs), "")

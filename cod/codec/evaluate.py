@@ -25,7 +25,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cod.model import atomic_write_bytes
+from cod.metrics import MS_SSIM_MIN_SIDE, ms_ssim, psnr  # noqa: F401 - MS_SSIM_MIN_SIDE: re-exported
+from cod.errors import describe_error, is_out_of_memory
+from cod.files import atomic_write_bytes
+from cod.limits import Limits
 
 ANCHORS = {"jpeg": ("JPEG", 1, 95), "webp": ("WEBP", 0, 100), "avif": ("AVIF", 0, 100)}
 # Perceptual metrics: the torchvision backbone file torchmetrics loads, and where to get it.
@@ -36,29 +39,13 @@ BACKBONES = {
 FID_UNAVAILABLE = ("patch FID/KID needs the torch-fidelity package (torchmetrics computes them through it), which "
                    "is not installed; install torch-fidelity to use --inception-weights")
 METRICS = ("psnr", "ms_ssim", *BACKBONES)
-MS_SSIM_MIN_SIDE = 176
+REPORT_FILES = ("per_image.csv", "per_image.json", "summary.json", "rd.png")
 
 
 def weights_hint(metric: str) -> str:
     filename, url = BACKBONES[metric]
     return f"{metric.upper()} needs the torchvision weights {filename}: download {url} and pass its path with " \
            f"--{metric}-weights"
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
-
-
-def ms_ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """MS-SSIM (5 scales, 11x11 Gaussian window); NaN for images too small for that: torchmetrics needs
-    side // 16 > 10 (the window must fit the coarsest scale), i.e. sides of at least 176 pixels."""
-    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as msssim
-
-    if min(a.shape[:2]) < MS_SSIM_MIN_SIDE:
-        return float("nan")
-    ta, tb = (torch.tensor(x).permute(2, 0, 1)[None].double() for x in (a, b))  # a copy: x may be read-only
-    return float(msssim(ta, tb, data_range=255.0))
 
 
 @contextlib.contextmanager
@@ -142,28 +129,39 @@ def matched_anchor(image: np.ndarray, codec: str, target_bytes: int) -> dict:
 
 
 def evaluate(model, paths: list[Path], out_dir: Path, anchors: tuple[str, ...] = tuple(ANCHORS),
-             weights: dict[str, str] | None = None, progress=None, **sampling) -> dict:
+             weights: dict[str, str] | None = None, progress=None, limits: Limits = Limits(),
+             overwrite: bool = False, **sampling) -> dict:
     """Compress and decompress each image with CoD (sampling: sampler/steps/cfg/seed, stored in the file), run
-    the anchors at matched size, and write per_image.csv/json, summary.json and rd.png to out_dir.
-    weights: {"lpips" | "dists": local backbone file} for the perceptual metrics to report."""
+    the anchors at matched size, and write per_image.csv/json, summary.json and rd.png to out_dir (when at least
+    one image was evaluated; existing reports are replaced only with overwrite).
+    weights: {"lpips" | "dists": local backbone file} for the perceptual metrics to report.
+    An image that cannot be read, is over the limits or fails to code is skipped and listed in "failures"."""
     from cod.codec import api
-    from cod.codec.images import read_image
+    from cod.images import read_image
 
     perceptual = {name: PerceptualMetric(name, path) for name, path in (weights or {}).items() if path}
-    rows = []
+    rows, failures = [], []
     for path in progress(paths) if progress else paths:
-        image = read_image(path)
-        H, W = image.shape[:2]
-        data = api.compress(model, [image], **sampling)[0]
-        recon = api.decompress(model, data)
+        try:
+            image = read_image(path, limits.max_pixels)
+            H, W = image.shape[:2]
+            data = api.compress(model, [image], limits=limits, **sampling)[0]
+            recon = api.decompress(model, data, limits=limits)
+        except Exception as e:  # noqa: BLE001 - one failing image must not stop the evaluation of the others
+            if not isinstance(e, (ValueError, OSError)) and not is_out_of_memory(e):
+                raise
+            message = describe_error(e)
+            failures.append(message if message.startswith(str(path)) else f"{path}: {message}")
+            continue
         rows.append(_row(path, "cod", image, recon, len(data), api.payload_size(model, H, W), True, "", perceptual))
         for codec in anchors:
             a = matched_anchor(image, codec, len(data))
             rows.append(_row(path, codec, image, a["recon"], a["bytes"], a["bytes"], a["matched"], a["quality"],
                              perceptual))
     summary = summarize(rows)
-    write_reports(rows, summary, out_dir)
-    return {"rows": rows, "summary": summary}
+    if rows:
+        write_reports(rows, summary, out_dir, overwrite)
+    return {"rows": rows, "summary": summary, "failures": failures}
 
 
 def _row(path: Path, method: str, image: np.ndarray, recon: np.ndarray, file_bytes: int, payload_bytes: int,
@@ -202,16 +200,14 @@ def _json(obj) -> bytes:
     return (json.dumps(clean(obj), indent=1) + "\n").encode()
 
 
-def write_reports(rows: list[dict], summary: dict, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
+def write_reports(rows: list[dict], summary: dict, out_dir: Path, overwrite: bool = False) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_bytes(out_dir / "per_image.csv", buf.getvalue().encode())
-    atomic_write_bytes(out_dir / "per_image.json", _json(rows))
-    atomic_write_bytes(out_dir / "summary.json", _json(summary))
-    atomic_write_bytes(out_dir / "rd.png", rd_plot(rows))
+    reports = dict(zip(REPORT_FILES, (buf.getvalue().encode(), _json(rows), _json(summary), rd_plot(rows))))
+    for name, data in reports.items():
+        atomic_write_bytes(out_dir / name, data, overwrite=overwrite)
 
 
 def rd_plot(rows: list[dict]) -> bytes:

@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from cod.files import read_bytes_bounded, regular_file_stat
 from cod.model import CoDModel, ModelDirError, build_config, build_denoiser, load_state_strict, sha256_file
+from cod.model_config import MAX_CONFIG_BYTES
 from cod.models.presets import PRESETS, Preset
 
 DENOISER_KWARGS = {
@@ -44,21 +46,18 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The flat state dict of an official checkpoint: under 'module' (DeepSpeed), else 'state_dict'
     (Lightning), else the top-level dict."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
+    regular_file_stat(path, "checkpoint file")  # never a FIFO or a device, which torch.load would block on
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelDirError(
-            f"{path} holds pickled objects that cod refuses to unpickle (unpickling can run code): {first}\n"
-            f"Extract the weights once, in an environment you trust, with:\n"
-            f"  python -c \"import torch; c = torch.load('{path}', map_location='cpu', weights_only=False); "
-            f"torch.save(c.get('module', c.get('state_dict', c)), 'weights_only.pt')\"\n"
-            f"and import weights_only.pt instead.") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ModelDirError(f"{path} is not a readable torch checkpoint: {e}") from None
+            f"{path} holds pickled Python objects besides tensors, which cod refuses to unpickle: unpickling a file "
+            f"can run any code in it ({first}). Use the release's original checkpoint file (it loads as weights "
+            f"only), or ask whoever gave you this file for a weights-only or safetensors version") from None
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for damaged or foreign files
+        raise ModelDirError(f"{path} is not a readable torch checkpoint ({' '.join(str(e).split())[:300]})") from None
     if not isinstance(ckpt, dict):
         raise ModelDirError(f"{path} does not hold a dict of tensors")
     for key in ("module", "state_dict"):
@@ -96,11 +95,9 @@ def _denoiser_class(name: str) -> str | None:
 def preset_from_official_config(path: str | Path) -> tuple[Preset, dict, list[str]]:
     """(preset, sampling overrides, notes) from the release's YAML config."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config {path} not found")
     try:
-        tree = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
+        tree = yaml.safe_load(read_bytes_bounded(path, MAX_CONFIG_BYTES, "config file"))
+    except (yaml.YAMLError, RecursionError) as e:
         raise ModelDirError(f"{path} is not valid YAML: {e}") from None
     found = _find_class(tree, lambda n: _denoiser_class(n) is not None)
     if not found:
@@ -141,7 +138,8 @@ def _sampling_from_config(tree) -> dict:
 
 
 def import_official(ckpt: str | Path, out_dir: str | Path, config: str | Path | None = None,
-                    preset: str | None = None, weights: str = "ema", vae: str | Path | None = None) -> CoDModel:
+                    preset: str | None = None, weights: str = "ema", vae: str | Path | None = None,
+                    overwrite: bool = False) -> CoDModel:
     """Checkpoint + (official YAML config or preset name) -> model directory with strict key checks."""
     from cod.models.presets import get_preset
     from cod.models.vae import OFFICIAL_LATENT_SCALE, LatentSpace, load_vae
@@ -175,5 +173,5 @@ def import_official(ckpt: str | Path, out_dir: str | Path, config: str | Path | 
             "latent scaling": "official (SD scale factor applied squared)" if spec.family == "latent" else "n/a"}
     for note in notes:
         card.setdefault("notes", note)
-    model.save(out_dir, card=card, objective_state=trainer or None)
+    model.save(out_dir, card=card, objective_state=trainer or None, overwrite=overwrite)
     return model

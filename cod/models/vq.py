@@ -21,7 +21,12 @@ class VectorQuantizer(nn.Module):
         self.num_codes = num_codes
         self.dim = dim
         self.beta = beta
-        self.embedding = nn.Embedding(num_codes, dim)
+        # nn.Embedding's own init (normal_) costs over a second on the meta device the first time (it imports torch's
+        # reference ops), and shape-only builds (load-time checks, FLOP counts) need no values: skip it there.
+        weight = torch.empty(num_codes, dim)
+        if weight.device.type != "meta":
+            nn.init.normal_(weight)
+        self.embedding = nn.Embedding(num_codes, dim, _weight=weight)
 
     @property
     def bits(self) -> int:

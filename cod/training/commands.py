@@ -6,36 +6,43 @@ shared base plus small per-variant files instead of near-copies.
 """
 from __future__ import annotations
 
-import atexit
+import contextlib
+import logging
 import os
 import sys
-import tempfile
+import warnings
 from pathlib import Path
 
 import yaml
 
+from cod.files import read_bytes_bounded
+from cod.model_config import MAX_CONFIG_BYTES
 
-def _expand(path: Path, seen: tuple = ()) -> list[Path]:
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} not found")
+
+MAX_EXTENDS_DEPTH = 16
+
+
+def _expand(path: Path, seen: tuple = ()) -> list[str]:
+    """A config file and the files it `extends`, base first, each as YAML text with its relative paths resolved
+    (LightningCLI's --config takes YAML text as well as paths, so no temporary file is involved)."""
     if path.resolve() in seen:
         raise ValueError(f"config {path} extends itself (cycle: {' -> '.join(map(str, seen))})")
+    if len(seen) > MAX_EXTENDS_DEPTH:
+        raise ValueError(f"config {path}: `extends` chains deeper than {MAX_EXTENDS_DEPTH} files")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path} is not valid YAML: {e}") from None
+        data = yaml.safe_load(read_bytes_bounded(path, MAX_CONFIG_BYTES, "config file")) or {}
+    except (yaml.YAMLError, RecursionError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping at the top level")
     parents = data.pop("extends", None) or []
     parents = [parents] if isinstance(parents, str) else parents
-    chain: list[Path] = []
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise ValueError(f"{path}: `extends` must be a file name or a list of file names")
+    chain: list[str] = []
     for parent in parents:
         chain += _expand((path.parent / parent), seen + (path.resolve(),))
-    fd, tmp = tempfile.mkstemp(suffix=".yaml", prefix=f"cod-{path.stem}-")
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(_resolve_paths(data, path.parent), f)
-    atexit.register(lambda: Path(tmp).unlink(missing_ok=True))
-    return chain + [Path(tmp)]
+    return chain + [yaml.safe_dump(_resolve_paths(data, path.parent))]
 
 
 def _resolve_paths(data: dict, base: Path) -> dict:
@@ -59,35 +66,81 @@ def expand_configs(argv: list[str]) -> list[str]:
     while i < len(argv):
         arg = argv[i]
         if arg in ("--config", "-c") and i + 1 < len(argv):
-            for p in _expand(Path(argv[i + 1])):
-                out += ["--config", str(p)]
+            for text in _expand(Path(argv[i + 1])):
+                out += ["--config", text]
             i += 2
             continue
         if arg.startswith("--config="):
-            for p in _expand(Path(arg.split("=", 1)[1])):
-                out += ["--config", str(p)]
+            for text in _expand(Path(arg.split("=", 1)[1])):
+                out += ["--config", text]
         else:
             out.append(arg)
         i += 1
     return out
 
 
-def lightning_main(argv: list[str]) -> int:
-    from lightning.pytorch.cli import LightningCLI
+HELP_FLAGS = ("-h", "--help", "--print_config", "--print-config")
 
-    from cod.training.data import ImageDataModule
-    from cod.training.module import CoDTrainingModule
 
+class _QuietLightning(logging.Filter):
+    """Lightning's advertising tips are not information about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_third_party():
+    """Keep the run's output about the run: no deprecation notices from libraries, no tips, and no warning from
+    LightningCLI that we pass it arguments (we do, after expanding `extends:`)."""
+    quiet = _QuietLightning()
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    argv, sys.argv = sys.argv, sys.argv[:1]
     try:
+        with warnings.catch_warnings():
+            for category in (FutureWarning, DeprecationWarning):
+                warnings.filterwarnings("ignore", category=category)
+            warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            yield
+    finally:
+        sys.argv = argv
+        for logger in loggers:
+            logger.removeFilter(quiet)
+
+
+def lightning_main(argv: list[str]) -> int:
+    from cod.cli import EXIT_USAGE, run
+
+    command = argv[0]
+    if not any(a in ("--config", "-c") or a.startswith("--config=") for a in argv) and \
+            not any(a in HELP_FLAGS or a.startswith("--print_config") for a in argv):
+        print(f"cod: error: `cod {command}` needs --config FILE, e.g. `cod {command} --config conf/tiny.yaml` "
+              f"(see conf/ and docs/training.md)", file=sys.stderr)
+        return EXIT_USAGE
+    status = {"code": 0}
+
+    def go() -> None:
+        import argparse
+
+        from lightning.pytorch.cli import LightningCLI
+
+        from cod.training.data import ImageDataModule
+        from cod.training.module import CoDTrainingModule
+
         args = expand_configs(argv)
-        LightningCLI(CoDTrainingModule, ImageDataModule, args=args, save_config_kwargs={"overwrite": True},
-                     parser_kwargs={"prog": "cod"})
-    except (ValueError, FileNotFoundError) as e:
-        if os.environ.get("COD_DEBUG"):
-            raise
-        print(f"cod: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        with _quiet_third_party():
+            try:
+                LightningCLI(CoDTrainingModule, ImageDataModule, args=args, save_config_kwargs={"overwrite": True},
+                             parser_kwargs={"prog": "cod", "exit_on_error": False})
+            except argparse.ArgumentError as e:  # a config value of the wrong type, an unknown key, ...
+                print(f"cod: error: {' '.join(str(e).split())} (see `cod {command} --help`)", file=sys.stderr)
+                status["code"] = EXIT_USAGE
+
+    code = run(go)
+    return code or status["code"]
 
 
 def register(sub) -> None:

@@ -24,7 +24,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from cod.codec.images import IMAGE_SUFFIXES, to_rgb8
+from cod.errors import InputError
+from cod.files import read_bytes_bounded
+from cod.images import IMAGE_SUFFIXES, MAX_IMAGE_FILE_BYTES, to_rgb8
+from cod.limits import check_pixels
+
+# A training image larger than this is skipped as unreadable (checked from its header, before decoding): crops
+# are at most a few hundred pixels, and one 100-megapixel file would take gigabytes per dataloader worker.
+MAX_TRAIN_PIXELS = 1 << 26
 
 
 class SkipCounter:
@@ -57,6 +64,7 @@ def crop(image: np.ndarray, size: int, train: bool, rng: random.Random) -> torch
 def decode_bytes(data: bytes, name: str) -> np.ndarray | None:
     try:
         with Image.open(io.BytesIO(data)) as img:
+            check_pixels(*img.size, MAX_TRAIN_PIXELS, name)
             img.load()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -77,23 +85,51 @@ def _crop_rng(seed: int, epoch: int, index: int, train: bool) -> random.Random:
     return random.Random(hash((seed, epoch, index)) if train else index)
 
 
+def read_image_bytes(path: Path) -> bytes | None:
+    """A training image's bytes, or None (skipped and counted) when it cannot be read: gone, a broken link, not a
+    regular file, unreadable, or larger than any image file cod reads."""
+    try:
+        return read_bytes_bounded(path, MAX_IMAGE_FILE_BYTES, "image file")
+    except (InputError, OSError) as e:
+        SkipCounter.note(str(path), e)
+        return None
+
+
 class FolderDataset(Dataset):
-    def __init__(self, root: str, size: int, train: bool = True, seed: int = 0):
+    """Every image file below `root`. cache=True keeps the decoded images in memory (each dataloader worker holds
+    its own copy): for small datasets read many times, e.g. the embedded demo model's training on a GPU."""
+
+    def __init__(self, root: str, size: int, train: bool = True, seed: int = 0, cache: bool = False):
         root_path = Path(root).expanduser()
         if not root_path.is_dir():
             raise FileNotFoundError(f"training data folder {root} does not exist (set data.train in the config)")
-        self.files = sorted(p for p in root_path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        candidates = sorted(p for p in root_path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        self.files = [p for p in candidates if p.is_file()]  # not a directory named x.png, not a broken link
+        if len(self.files) < len(candidates):
+            odd = [str(p) for p in candidates if not p.is_file()]
+            warnings.warn(f"{root}: skipping {len(odd)} entries that are not image files ({', '.join(odd[:3])}"
+                          f"{', ...' if len(odd) > 3 else ''})", stacklevel=2)
         if not self.files:
             raise ValueError(f"{root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         self.size, self.train, self.seed = size, train, seed
+        self.cache: dict[int, np.ndarray] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.files)
 
+    def _image(self, i: int) -> np.ndarray | None:
+        if self.cache is not None and i in self.cache:
+            return self.cache[i]
+        data = read_image_bytes(self.files[i])
+        image = None if data is None else decode_bytes(data, str(self.files[i]))
+        if self.cache is not None and image is not None:
+            self.cache[i] = image
+        return image
+
     def __getitem__(self, key):
         i, epoch = _split_key(key)
         rng = _crop_rng(self.seed, epoch, i, self.train)
-        image = decode_bytes(self.files[i].read_bytes(), str(self.files[i]))
+        image = self._image(i)
         return None if image is None else (crop(image, self.size, self.train, rng), i)
 
 
@@ -117,8 +153,8 @@ class HFDataset(Dataset):
     def __getitem__(self, key):
         i, epoch = _split_key(key)
         item = self.ds[i][self.key]
-        data = item["bytes"] if item.get("bytes") else Path(item["path"]).read_bytes()
-        image = decode_bytes(data, f"{self.key}[{i}]")
+        data = item["bytes"] if item.get("bytes") else read_image_bytes(Path(item["path"]))
+        image = None if data is None else decode_bytes(data, f"{self.key}[{i}]")
         rng = _crop_rng(self.seed, epoch, i, self.train)
         return None if image is None else (crop(image, self.size, self.train, rng), i)
 
@@ -183,14 +219,15 @@ class HFStream(IterableDataset):
             yield crop(to_rgb8(value), self.size, self.train, rng), i
 
 
-def build_dataset(source: str, size: int, train: bool, seed: int = 0, rank: int = 0, world: int = 1):
+def build_dataset(source: str, size: int, train: bool, seed: int = 0, rank: int = 0, world: int = 1,
+                  cache: bool = False):
     if source.startswith("hf-stream:"):
         return HFStream(source[len("hf-stream:"):], size, train, seed, rank, world)
     if source.startswith("hf:"):
         return HFDataset(source[3:], size, train, seed=seed)
     if source.startswith("tar:"):
         return TarShards(source[4:], size, train, seed, rank, world)
-    return FolderDataset(source, size, train, seed)
+    return FolderDataset(source, size, train, seed, cache=cache)
 
 
 def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,17 +288,30 @@ class ResumableDataLoader(DataLoader):
 
 
 class ImageDataModule(L.LightningDataModule):
+    """cache: keep decoded training images in memory (local folders only; for small datasets on fast devices)."""
+
     def __init__(self, train: str = "../shared/data/train256", val: str | None = None, size: int = 256,
                  batch_size: int = 8, val_batch_size: int | None = None, num_workers: int = 0, seed: int = 0,
-                 val_images: int = 8, shuffle: bool = True):
+                 val_images: int = 8, shuffle: bool = True, cache: bool = False):
         super().__init__()
+        errors = [f"data.{name} must be {rule}, got {value!r}" for name, value, ok, rule in (
+            ("size", size, isinstance(size, int) and 16 <= size <= 8192 and size % 16 == 0,
+             "a multiple of 16 from 16 to 8192 (the crop side in pixels)"),
+            ("batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1, "a positive integer"),
+            ("val_batch_size", val_batch_size, val_batch_size is None or
+             (isinstance(val_batch_size, int) and val_batch_size >= 1), "null or a positive integer"),
+            ("num_workers", num_workers, isinstance(num_workers, int) and num_workers >= 0, "0 or more"),
+            ("val_images", val_images, isinstance(val_images, int) and val_images >= 1, "a positive integer"),
+        ) if not ok]
+        if errors:
+            raise ValueError("; ".join(errors))
         self.save_hyperparameters()
 
     def setup(self, stage: str | None = None) -> None:
         rank = self.trainer.global_rank if self.trainer else 0
         world = self.trainer.world_size if self.trainer else 1
         h = self.hparams
-        self.train_set = build_dataset(h.train, h.size, True, h.seed, rank, world)
+        self.train_set = build_dataset(h.train, h.size, True, h.seed, rank, world, cache=h.cache)
         val = build_dataset(h.val or h.train, h.size, False, h.seed, rank, world)
         if isinstance(val, Dataset) and not isinstance(val, IterableDataset):
             val = torch.utils.data.Subset(val, range(min(h.val_images, len(val))))

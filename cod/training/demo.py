@@ -29,7 +29,7 @@ CROP, BATCH = 64, 16
 def skimage_photos(names) -> dict[str, np.ndarray]:
     import skimage.data
 
-    from cod.codec.images import read_image
+    from cod.images import read_image
 
     folder = Path(skimage.data.__file__).parent
     found = {n: read_image(folder / n) for n in names if (folder / n).is_file()}
@@ -56,8 +56,9 @@ def run_demo(out: Path, minutes: float = 6.0, seed: int = 0, quiet: bool = False
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from cod.codec.evaluate import matched_anchor, ms_ssim, psnr
-    from cod.codec.images import png_bytes
+    from cod.codec.evaluate import matched_anchor
+    from cod.images import png_bytes
+    from cod.metrics import ms_ssim, psnr
     from cod.model import atomic_write_bytes, load
     from cod.training.data import collate_skipping
     from cod.training.module import CoDTrainingModule

@@ -8,6 +8,7 @@ checkpoints export to model directories unchanged); the three stages of the code
 from __future__ import annotations
 
 import copy
+import os
 import time
 from pathlib import Path
 
@@ -16,9 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cod.codec.api import as_rgb8
-from cod.codec.evaluate import ms_ssim
 from cod.diffusion.losses import CoDObjective, TrainingDraws
+from cod.errors import CodError, OutputExistsError
+from cod.images import as_rgb8
+from cod.metrics import ms_ssim
 from cod.model import CoDModel, build_config, build_denoiser, load, load_state_strict
 from cod.models.presets import get_preset
 from cod.training.codebook import CodebookRestarts
@@ -65,7 +67,7 @@ class CoDTrainingModule(L.LightningModule):
                  align_layer: int = 8, codec_loss_masking: str = "correct", repa: dict | None = None,
                  vae_path: str | None = None, val_sampling_steps: int = 10, export_dir: str | None = None,
                  sampling: dict | None = None, codebook_restarts: bool = True,
-                 codebook_restart_window: int = 100, seed: int = 0):
+                 codebook_restart_window: int = 100, seed: int = 0, export_overwrite: bool = False):
         super().__init__()
         self.save_hyperparameters()
         spec = get_preset(preset, ds=ds, bits=bits, up2x=up2x, rope_step=rope_step)
@@ -93,6 +95,7 @@ class CoDTrainingModule(L.LightningModule):
         self.ema = EMA(self.denoiser, ema_decay)
         self._step_started = None
         self._batch_ids = None
+        self._images_this_epoch = 0
         # Training-only remedy for codebook collapse (cod/training/codebook.py); false = the release's recipe.
         self.codebook_restarts = CodebookRestarts(self.entropy_bottleneck.num_codes, every=codebook_restart_window,
                                                   seed=seed) if codebook_restarts else None
@@ -174,12 +177,29 @@ class CoDTrainingModule(L.LightningModule):
         if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
             raise ValueError("Lightning's FSDPStrategy (FSDP1) is not supported: use FSDP2, "
                              "strategy: cod.training.fsdp.FSDP2Strategy (conf/hardware/fsdp.yaml)")
+        if stage == "fit":
+            self._check_before_training()
+
+    def _check_before_training(self) -> None:
+        """What would fail or destroy data at the end of a run is refused before its first step."""
+        export_dir = self.hparams.export_dir
+        if export_dir and os.path.lexists(export_dir) and not self.hparams.export_overwrite:
+            raise OutputExistsError(f"model.export_dir {export_dir} exists already (an earlier run's model?): set "
+                                    f"--model.export_dir to a new folder, or --model.export_overwrite true to "
+                                    f"replace it at the end of this run")
+        data = getattr(self.trainer, "datamodule", None)
+        size = getattr(getattr(data, "hparams", None), "size", None)
+        multiple = self.export_model().size_multiple
+        if isinstance(size, int) and size % multiple:
+            raise ValueError(f"data.size {size} is not a multiple of {multiple}, the side multiple of this model "
+                             f"(preset {self.hparams.preset}): use e.g. {max(multiple, size // multiple * multiple)}")
 
     def training_step(self, batch, batch_idx):
         if batch[0].numel() == 0:  # every image of the batch was unreadable (skipped and counted by the data)
             return None
         losses = self._losses(batch)
         B = batch[0].shape[0]
+        self._images_this_epoch += B
         self.log_dict({f"train/{k}": v.detach() if torch.is_tensor(v) else v for k, v in losses.items()},
                       prog_bar=False, batch_size=B, sync_dist=False)
         self.log("train/loss_bar", losses["loss"].detach(), prog_bar=True, logger=False, batch_size=B)
@@ -189,6 +209,23 @@ class CoDTrainingModule(L.LightningModule):
         self._step_started = time.perf_counter()
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=B)
         return losses["loss"]
+
+    def on_train_epoch_start(self):
+        self._images_this_epoch = 0
+
+    def on_train_epoch_end(self):
+        # An epoch of unreadable images trains nothing (the step count never advances, so max_steps alone would
+        # loop forever) and would export an untrained model: stop with the reason instead.
+        seen = self.trainer.strategy.reduce(torch.tensor(float(self._images_this_epoch), device=self.device),
+                                            reduce_op="sum")
+        if float(seen) == 0:
+            from cod.training.data import SkipCounter
+
+            data = getattr(self.trainer, "datamodule", None)
+            source = getattr(getattr(data, "hparams", None), "train", "the training data")
+            raise CodError(f"data.train {source}: a whole epoch held no readable image ({SkipCounter.skipped} "
+                           f"unreadable files skipped): nothing was trained and no model was exported; check the "
+                           f"data (`cod: warning` lines above name the files)")
 
     def on_before_optimizer_step(self, optimizer):
         grads = [p.grad for p in self.parameters() if p.grad is not None]
@@ -241,8 +278,10 @@ class CoDTrainingModule(L.LightningModule):
         """Write the EMA weights as a model directory. Under FSDP2 every rank must call this (the shards are
         gathered); rank 0 writes."""
         card = {"provenance": f"trained by cod (preset {self.hparams.preset}), step {self.global_step}"}
+        overwrite = self.hparams.export_overwrite
         if not _is_sharded(self.ema.module):
-            return self.export_model().save(out_dir, card=card, objective_state=self.objective.state_dict())
+            return self.export_model().save(out_dir, card=card, objective_state=self.objective.state_dict(),
+                                            overwrite=overwrite)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -254,11 +293,14 @@ class CoDTrainingModule(L.LightningModule):
             denoiser = build_denoiser(self.model_config)
         load_state_strict(denoiser, ema_state, "gathered EMA weights")
         model = CoDModel(self.model_config, denoiser.eval(), self.latent)
-        return model.save(out_dir, card=card, objective_state=objective_state)
+        return model.save(out_dir, card=card, objective_state=objective_state, overwrite=overwrite)
 
     def on_train_end(self):
         if self.hparams.export_dir and (self.trainer.is_global_zero or _is_sharded(self.ema.module)):
-            self.save_model_dir(self.hparams.export_dir)
+            out = self.save_model_dir(self.hparams.export_dir)
+            if out is not None:
+                print(f"exported the EMA weights (step {self.global_step}) as the model directory {out}; use it with "
+                      f"`cod compress --model {out} IMAGES -o OUT`")
 
     def configure_optimizers(self):
         params = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith(("ema.", "teacher."))]

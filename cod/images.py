@@ -1,19 +1,28 @@
-"""Reading user images into 8-bit RGB, gathering inputs, writing PNGs atomically."""
+"""Image files: reading any common layout into 8-bit RGB within limits, gathering inputs, writing PNGs atomically.
+
+A user image is hostile until checked: it must be a regular file of at most MAX_IMAGE_FILE_BYTES, and its pixel
+count (read from the header, before anything is decoded) must be within the caller's limit.
+"""
 from __future__ import annotations
 
 import glob
 import io
 import os
+import struct
 import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cod.model import atomic_write_bytes
+from cod.errors import InputError, LimitError
+from cod.files import GiB, atomic_write_bytes, read_bytes_bounded
+from cod.limits import DEFAULT_MAX_PIXELS, check_pixels
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
-# Pillow warns above this many pixels and refuses twice as many (a decompression bomb): 268 MP still opens.
+MAX_IMAGE_FILE_BYTES = GiB
+# Pillow's own decompression-bomb guard (it refuses twice this many pixels) stays as a second line behind ours.
 Image.MAX_IMAGE_PIXELS = 1 << 28
 
 
@@ -35,22 +44,44 @@ def to_rgb8(img: Image.Image, name: str = "image") -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def as_rgb8(image) -> np.ndarray:
+    """HxWx3 uint8 array, PIL image, or [3,H,W] tensor (uint8, or float in [0, 1]) -> HxWx3 uint8 array."""
+    if isinstance(image, np.ndarray):
+        arr = image
+    elif isinstance(image, torch.Tensor):
+        arr = image.detach().cpu()
+        if arr.dtype.is_floating_point:
+            arr = (arr.clamp(0, 1) * 255).round().to(torch.uint8)
+        arr = arr.permute(1, 2, 0).numpy() if arr.ndim == 3 and arr.shape[0] == 3 else arr.numpy()
+    else:  # PIL image
+        arr = to_rgb8(image)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"expected an HxWx3 uint8 RGB image, got shape {arr.shape} and dtype {arr.dtype}")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"empty image of shape {arr.shape}")
+    return arr
+
+
+def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """An image file -> HxWx3 uint8 RGB (see to_rgb8). 16-bit RGB files reach us already reduced to 8 bits by
     Pillow (high byte); 16-bit grayscale is rescaled here. Any failure names the file."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such image file")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path}: empty file (0 bytes), not an image")
+    data = read_bytes_bounded(path, MAX_IMAGE_FILE_BYTES, "image file")
+    if not data:
+        raise InputError(f"{path}: empty file (0 bytes), not an image")
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
+            check_pixels(*img.size, max_pixels, str(path))
             img.load()
             with warnings.catch_warnings():
                 warnings.simplefilter("always")
                 return to_rgb8(img, str(path))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{path}: cannot read image ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error,
+            Image.DecompressionBombError) as e:
+        if isinstance(e, LimitError):
+            raise
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise InputError(f"{path}: cannot read image ({reason})") from None
 
 
 def collect_inputs(inputs: list[str], suffixes: set[str] = IMAGE_SUFFIXES, recursive: bool = False) -> list[Path]:
@@ -63,17 +94,17 @@ def collect_inputs(inputs: list[str], suffixes: set[str] = IMAGE_SUFFIXES, recur
             pattern = "**/*" if recursive else "*"
             found = sorted(f for f in p.glob(pattern) if f.is_file() and f.suffix.lower() in suffixes)
             if not found:
-                raise ValueError(f"{p}: directory holds no matching files")
+                raise InputError(f"{p}: directory holds no matching files")
             out.extend(found)
         elif p.exists():
             out.append(p)
         elif any(ch in item for ch in "*?["):
             found = sorted(Path(f) for f in glob.glob(item, recursive=True) if Path(f).is_file())
             if not found:
-                raise ValueError(f"{item}: pattern matches no files")
+                raise InputError(f"{item}: pattern matches no files")
             out.extend(found)
         else:
-            raise FileNotFoundError(f"{item}: no such file or directory")
+            raise InputError(f"{item}: no such file or directory")
     seen, unique = set(), []
     for p in out:
         if p.resolve() not in seen:
@@ -88,5 +119,5 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
-    atomic_write_bytes(Path(path), png_bytes(array))
+def write_png(path: str | os.PathLike, array: np.ndarray, overwrite: bool = False) -> None:
+    atomic_write_bytes(Path(path), png_bytes(array), overwrite=overwrite)

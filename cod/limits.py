@@ -1,0 +1,152 @@
+"""Resource limits, decided from what a file or image declares before anything is allocated or computed.
+
+A .cod file of a few hundred bytes can declare a 65536x65536 image and 256 sampling steps; a PNG header can
+declare 400 megapixels. Every such request is measured against three limits that the user can raise:
+
+  max_pixels  pixels of one image, encoding or decoding (memory grows linearly with it: attention and the
+              per-pixel stage run in bounded chunks)
+  max_steps   sampling steps of one decode
+  max_tflop   the estimated work of one decode in TFLOP (10^12 floating-point operations): every network pass
+              at that size, including attention's quadratic term, from a FLOP count of the model's own graph
+              (`decode_tflop`). The default depends on the device type (not on how busy it is): a CPU gets a
+              budget that admits the released XL models at Kodak size with 25 steps.
+
+Nothing here measures time or load, so whether a file is accepted never depends on the machine's state.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+from cod.errors import LimitError
+from cod.files import atomic_write_bytes, cache_dir
+
+COST_MODEL_VERSION = 1  # bump when the count changes, to invalidate cached polynomials
+
+DEFAULT_MAX_PIXELS = 4096 * 4096
+DEFAULT_MAX_STEPS = 100
+# A pixel-xl decode of a 768x512 Kodak image with 25 steps is ~91 TFLOP; a 4096x4096 decode with the tiny preset
+# and 25 steps ~440 TFLOP (hours of CPU). GPUs run 100-1000x faster.
+DEFAULT_MAX_TFLOP = {"cpu": 150.0, "cuda": 20000.0}
+
+
+def check_pixels(width: int, height: int, max_pixels: int, name: str) -> None:
+    """Refuse an image of width x height with more than max_pixels pixels."""
+    if width * height > max_pixels:
+        raise LimitError(f"{name}: {width}x{height} is {width * height / 1e6:.1f} megapixels, over the limit of "
+                         f"{max_pixels / 1e6:.1f} (--max-pixels {max_pixels}); pass a larger --max-pixels to allow "
+                         f"it (memory grows with the pixel count)")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_steps: int = DEFAULT_MAX_STEPS
+    max_tflop: float | None = None  # None: DEFAULT_MAX_TFLOP of the device type
+
+    def __post_init__(self):
+        if not (isinstance(self.max_pixels, int) and self.max_pixels >= 1):
+            raise ValueError(f"max_pixels must be a positive integer, got {self.max_pixels!r}")
+        if not (isinstance(self.max_steps, int) and self.max_steps >= 1):
+            raise ValueError(f"max_steps must be a positive integer, got {self.max_steps!r}")
+        if self.max_tflop is not None and not (math.isfinite(self.max_tflop) and self.max_tflop > 0):
+            raise ValueError(f"max_tflop must be a positive number, got {self.max_tflop!r}")
+
+    def tflop_budget(self, device) -> float:
+        if self.max_tflop is not None:
+            return float(self.max_tflop)
+        return DEFAULT_MAX_TFLOP.get(getattr(device, "type", str(device)).split(":")[0], DEFAULT_MAX_TFLOP["cpu"])
+
+    def check_decode(self, model, height: int, width: int, steps: int, name: str) -> None:
+        """Refuse decoding one height x width image with `steps` steps when it is over any limit. The pixel and
+        step checks come first: the work estimate is only computed for sizes that could fit."""
+        check_pixels(width, height, self.max_pixels, name)
+        if steps > self.max_steps:
+            raise LimitError(f"{name}: decoding with {steps} sampling steps is over the limit of {self.max_steps} "
+                             f"(--max-steps); pass --max-steps {steps} to allow it, or decode with fewer --steps")
+        work = decode_tflop(model, height, width, steps)
+        budget = self.tflop_budget(model.device)
+        if work > budget:
+            raise LimitError(f"{name}: decoding this {width}x{height} image with {steps} steps is estimated at "
+                             f"{work:,.0f} TFLOP, over the limit of {budget:,.0f} TFLOP for a {model.device.type} "
+                             f"device (--max-tflop); pass --max-tflop {math.ceil(work)} to run it anyway, or "
+                             f"decode with fewer --steps")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The cost model
+# --------------------------------------------------------------------------------------------------------------
+def decode_tflop(model, height: int, width: int, steps: int) -> float:
+    """Estimated TFLOP to decode one height x width image with `steps` sampling steps: the condition map (once),
+    `steps` guidance-pair passes of the denoiser, and the VAE decoder for latent models.
+
+    Every part is a quadratic polynomial in the number of 16x16-pixel tokens L (convolutions and linear layers
+    grow with L, attention with L^2), so the FLOPs of the model's own graph, counted on the meta device (shapes
+    only: no memory, no arithmetic) at three sizes, fix the polynomial exactly. Counting takes a second or two
+    the first time a process meets a model, so the polynomials are also cached on disk per model config."""
+    m = model.size_multiple
+    ph, pw = -(-height // m) * m, -(-width // m) * m
+    step, once = _polynomials(json.dumps(model.config["denoiser"], sort_keys=True),
+                              json.dumps(model.config.get("latent"), sort_keys=True), model.family, m)
+    tokens = (ph // 16) * (pw // 16)
+    value = lambda c: c[0] + c[1] * tokens + c[2] * tokens * tokens  # noqa: E731
+    return (steps * value(step) + value(once)) / 1e12
+
+
+@lru_cache(maxsize=16)
+def _polynomials(denoiser_json: str, latent_json: str, family: str, multiple: int):
+    key = hashlib.sha256(f"{COST_MODEL_VERSION}|{denoiser_json}|{latent_json}|{family}|{multiple}".encode()).hexdigest()
+    cache = cache_dir() / "flops" / f"{key[:32]}.json"
+    try:
+        data = json.loads(cache.read_text())
+        step, once = (tuple(float(v) for v in data[k]) for k in ("step", "once"))
+        if len(step) == len(once) == 3 and all(map(math.isfinite, step + once)):
+            return step, once
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        pass
+    step, once = _count_polynomials(denoiser_json, latent_json, family, multiple)
+    with contextlib.suppress(OSError):
+        atomic_write_bytes(cache, json.dumps({"step": step, "once": once}).encode(), overwrite=True)
+    return step, once
+
+
+def _count_polynomials(denoiser_json: str, latent_json: str, family: str, multiple: int):
+    import numpy as np
+    import torch
+
+    from cod.flops import count_flops
+    from cod.model import LATENT_DOWNSAMPLE, build_denoiser
+
+    with torch.device("meta"):
+        denoiser = build_denoiser({"denoiser": json.loads(denoiser_json)})
+        latent = json.loads(latent_json)
+        vae = None
+        if family == "latent" and latent:
+            from cod.models.vae import VAE_PRESETS, AutoencoderKL
+
+            vae = AutoencoderKL(VAE_PRESETS[latent["vae_preset"]])
+
+    count = lambda fn: float(count_flops(fn))  # noqa: E731
+    sizes = [multiple * k for k in (1, 2, 3)]
+    step_flops, once_flops = [], []
+    for side in sizes:
+        f = 1 if family == "pixel" else LATENT_DOWNSAMPLE
+        x = torch.empty(2, denoiser.in_channels, side // f, side // f, device="meta")
+        t = torch.empty(2, device="meta")
+        h, w = denoiser.codec.index_grid(side, side)
+        indices = torch.zeros(2, h, w, dtype=torch.long, device="meta")
+        cond = torch.empty(2, denoiser.hidden_size, side // 16, side // 16, device="meta")
+        step_flops.append(count(lambda: denoiser(x, t, cond=cond)))
+        once = count(lambda: denoiser.codec.decode_indices(indices))
+        if vae is not None:
+            once += count(lambda: vae.decode(torch.empty(1, vae.config.latent_channels, side // f, side // f,
+                                                         device="meta")))
+        once_flops.append(once)
+    tokens = np.array([(s // 16) ** 2 for s in sizes], dtype=np.float64)
+    basis = np.stack([np.ones(3), tokens, tokens ** 2], axis=1)
+    return (tuple(float(c) for c in np.linalg.solve(basis, step_flops)),
+            tuple(float(c) for c in np.linalg.solve(basis, once_flops)))
