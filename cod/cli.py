@@ -40,10 +40,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def _cmd_new_model(args) -> None:
-    from cod.files import check_outputs
+    from cod.files import check_output_dir
     from cod.model import new_model
 
-    check_outputs([args.out], overwrite=args.overwrite)
+    check_output_dir(args.out, overwrite=args.overwrite)
     model = new_model(args.preset, args.out, seed=args.seed, ds=args.ds, bits=args.bits, up2x=args.up2x,
                       overwrite=args.overwrite)
     _say(args, f"wrote {args.out}: {args.preset}, {model.bpp:.6g} bpp, sides multiple of {model.size_multiple}")
@@ -51,9 +51,10 @@ def _cmd_new_model(args) -> None:
 
 def _cmd_import_official(args) -> None:
     from cod.compat.official_checkpoint import import_official
-    from cod.files import check_outputs
+    from cod.files import check_output_dir
 
-    check_outputs([args.out], [args.ckpt] + ([args.config] if args.config else []), args.overwrite)
+    check_output_dir(args.out, [args.ckpt] + ([args.config] if args.config else []) + ([args.vae] if args.vae
+                                                                                     else []), args.overwrite)
     model = import_official(args.ckpt, args.out, config=args.config, preset=args.preset, weights=args.weights,
                             vae=args.vae, overwrite=args.overwrite)
     _say(args, f"wrote {args.out}: {model.config['denoiser']['class']}, {model.bpp:.6g} bpp, "
@@ -71,10 +72,10 @@ def _cmd_info(args) -> None:
 def _cmd_export(args) -> None:
     from cod.codec.commands import load_model
     from cod.export import check_exportable, export
-    from cod.files import check_outputs
+    from cod.files import check_output_dir
 
     check_exportable(args.format)
-    check_outputs([args.out], overwrite=args.overwrite)
+    check_output_dir(args.out, [args.model], args.overwrite)
     args.device = "cpu"
     manifest = export(load_model(args), args.out, fmt=args.format, height=args.height, width=args.width,
                       batch=args.batch, overwrite=args.overwrite)

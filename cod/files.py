@@ -232,6 +232,26 @@ def check_outputs(targets: Iterable[str | os.PathLike], inputs: Iterable[str | o
                                 f"another output (-o)")
 
 
+def check_output_dir(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (),
+                     overwrite: bool = False) -> None:
+    """Refuse, before any work, an output directory that exists (unless overwrite), that is a file, or that holds
+    or is one of the inputs (always)."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    if not path.is_dir():
+        raise OutputExistsError(f"output {path} exists and is not a directory; choose another output")
+    resolved = path.resolve()
+    for p in inputs:
+        p = Path(p).resolve()
+        if p == resolved or resolved in p.parents:
+            raise OutputExistsError(f"output {path} holds an input of this command ({p}); cod never writes over "
+                                    f"its inputs: choose another output")
+    if not overwrite:
+        raise OutputExistsError(f"output {path} exists already: pass --overwrite to replace it (as a whole), or "
+                                f"choose another output")
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder beside `path`; when the block ends without an error, it becomes `path` in

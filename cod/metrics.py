@@ -5,7 +5,7 @@ MS-SSIM is torchmetrics' `multiscale_structural_similarity_index_measure` with i
 data_range 255 (which stacks five padded float64 copies of the whole image and its filtered moments: ~5 GB per
 megapixel), recomputed one channel at a time: the channel's scales are float32 planes (exact for 8-bit data and
 its 2x2 means), and the Gaussian moments are computed in float64 on strips of rows with a 5-row halo. Memory is
-the two uint8 images, two float32 planes and one strip's buffers (~80 MB), whatever the image size.
+the two uint8 images, two float32 planes and one strip's buffers (~10 MB), whatever the image size.
 """
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ MS_SSIM_MIN_SIDE = 176
 BETAS = np.array([0.0448, 0.2856, 0.3001, 0.2363, 0.1333], dtype=np.float32)
 C1, C2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
 PAD = 5  # half the 11-pixel window: torchmetrics' size for sigma 1.5 is int(3.5 * sigma + 0.5) * 2 + 1
-STRIP_PIXELS = 1 << 19  # output pixels filtered at once: ~20 float64 buffers of this size, ~80 MB
+# Output pixels filtered at once: ~20 float64 buffers of 512 KB, ~10 MB. Buffers this small stay in cache: on
+# a 2-core CPU this ran 1.5x faster than 2^19 pixels per strip.
+STRIP_PIXELS = 1 << 16
 ROW_BLOCK = 1 << 22  # PSNR: uint8 values differenced at once
 
 

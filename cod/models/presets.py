@@ -1,7 +1,7 @@
 """Named model presets (as DiT names its sizes) and the rate table.
 
-The XL presets are the released CoD models; `*-b` and `*-s` are smaller trainable sizes; `tiny-*` are for
-CPU tests and demos (a 25-step decode of a 512x512 image takes seconds on one core).
+The XL presets are the released CoD models; `*-b` and `*-s` are smaller trainable sizes; `mini-pixel` is the
+embedded demo model; `tiny-*` are for CPU tests (a 25-step decode of a 512x512 image takes seconds on one core).
 """
 from __future__ import annotations
 
@@ -50,6 +50,8 @@ PRESETS: dict[str, Preset] = {
     "latent-b": Preset("latent", _latent(768, 12, 16, 12), "DDT-B/2, trainable on one GPU", vae_preset="sd-vae"),
     "pixel-s": Preset("pixel", _pixel(384, 6, 12, 10, hidden_x=32, width=64), "PixNerDiT-S/16"),
     "latent-s": Preset("latent", _latent(384, 6, 12, 10, width=64), "DDT-S/2", vae_preset="sd-vae"),
+    "mini-pixel": Preset("pixel", _pixel(128, 4, 10, 8, hidden_x=16, width=32),
+                         "small enough to ship: the embedded demo model (cod demo), 7 M parameters"),
     "tiny-pixel": Preset("pixel", _pixel(64, 4, 10, 8, hidden_x=8, width=32),
                          "CPU test/demo size (fixture depth; narrow condition encoder and per-pixel MLP)"),
     "tiny-latent": Preset("latent", _latent(64, 4, 10, 8, width=32), "CPU test/demo size with a tiny VAE",

@@ -93,8 +93,12 @@ class _QuietLightning(logging.Filter):
 def _quiet_third_party():
     """Keep the run's output about the run: no deprecation notices from libraries, no tips, and no warning from
     LightningCLI that we pass it arguments (we do, after expanding `extends:`)."""
+    from lightning_utilities.core import rank_zero
+
     quiet = _QuietLightning()
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    # filters apply to the logger a record is logged on (not its parents): Lightning logs through rank_zero.log
+    loggers = {id(x): x for x in (rank_zero.log, logging.getLogger("lightning.pytorch.utilities.rank_zero"),
+                                  logging.getLogger("lightning.fabric.utilities.rank_zero"))}.values()
     for logger in loggers:
         logger.addFilter(quiet)
     argv, sys.argv = sys.argv, sys.argv[:1]
@@ -104,6 +108,8 @@ def _quiet_third_party():
                 warnings.filterwarnings("ignore", category=category)
             warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the EMA copy, by design
+            warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")  # it logs anyway
             yield
     finally:
         sys.argv = argv

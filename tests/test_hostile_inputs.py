@@ -1,0 +1,446 @@
+"""A corpus of hostile inputs, each driven through the CLI (and the API where it has its own entry): crafted
+bitstreams, images, model directories, outputs and environments. Every case must end in exactly one `cod: error:`
+line naming the user's path, a non-zero exit, no traceback, nothing written, and quickly: no hang, no unbounded
+allocation (the suite's memory and time would show a regression; there is no timing assertion).
+
+The cases reproduce what a new user met (issue 8): a 131 KB file declaring 16384x16384 pixels, a 523-byte file
+storing 256 steps, /dev/zero, FIFOs, `cod decompress photos -o photos` replacing the photos, a bit-flipped or
+foreign weights file decoding to wrong pixels with exit 0, config fields that made decoding random or black.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import cod
+from cod.cli import main
+from cod.codec import api, container
+from cod.codec.container import DecodeParams, Header
+from cod.compat.official_format import write_official
+from cod.errors import LimitError
+from cod.limits import Limits
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("m") / "tiny"
+    assert main(["-q", "new-model", "--preset", "tiny-pixel", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return cod.load(model_dir)
+
+
+def rand_image(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def save_png(path, array):
+    Image.fromarray(array).save(path)
+    return path
+
+
+def one_error(capsys, *words) -> str:
+    err = capsys.readouterr().err
+    assert err.count("cod: error:") == 1 and err.count("\n") == 1, err
+    assert "Traceback" not in err, err
+    for word in words:
+        assert word in err, (word, err)
+    return err
+
+
+def crafted_cod(model, height, width, params=None) -> bytes:
+    """A file with a valid check byte (the check is public) declaring height x width."""
+    payload = bytes(api.payload_size(model, height, width))
+    return container.write(Header(height, width, container.model_tag(model.fingerprint), params=params), payload,
+                           model.fingerprint)
+
+
+def no_outputs(folder: Path) -> bool:
+    return not folder.exists() or not any(folder.iterdir())
+
+
+# ---- bitstreams ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("side,what", [(16384, "megapixels"), (8192, "megapixels"), (4096, "TFLOP")])
+def test_huge_declared_sizes_are_refused_before_any_allocation(model, model_dir, tmp_path, capsys, side, what):
+    src = tmp_path / f"big{side}.cod"
+    src.write_bytes(crafted_cod(model, side, side))
+    assert main(["decompress", "--model", str(model_dir), str(src), "-o", str(tmp_path / "out")]) == 1
+    one_error(capsys, str(src), what, "--max-")
+    assert no_outputs(tmp_path / "out")
+    with pytest.raises(LimitError):
+        api.decompress(model, src.read_bytes())
+
+
+def test_the_limits_can_be_raised(model, model_dir, tmp_path, capsys):
+    src = tmp_path / "wide.cod"
+    src.write_bytes(crafted_cod(model, 32, 4096))  # 131072 pixels
+    assert main(["decompress", "--model", str(model_dir), str(src), "-o", str(tmp_path / "a"),
+                 "--max-pixels", "100000"]) == 1
+    one_error(capsys, "--max-pixels")
+    assert main(["-q", "decompress", "--model", str(model_dir), str(src), "-o", str(tmp_path / "b"), "--steps", "1",
+                 "--max-pixels", "200000"]) == 0
+    assert Image.open(tmp_path / "b" / "wide.png").size == (4096, 32)
+
+
+def test_a_small_file_storing_256_steps_is_refused(model, model_dir, tmp_path, capsys):
+    src = tmp_path / "steps.cod"
+    src.write_bytes(crafted_cod(model, 1024, 1024, DecodeParams("adam2", 256, 3.0, 0)))
+    assert len(src.read_bytes()) < 600
+    assert main(["decompress", "--model", str(model_dir), str(src), "-o", str(tmp_path / "out")]) == 1
+    one_error(capsys, str(src), "256 sampling steps", "--max-steps")
+    with pytest.raises(LimitError):
+        api.decompress(model, src.read_bytes(), limits=Limits(max_steps=100))
+
+
+def test_official_format_with_a_huge_header_is_refused(model, model_dir, tmp_path, capsys):
+    src = tmp_path / "huge.cod"
+    side = 65504  # a multiple of 32: passes the geometry check, then the pixel limit stops it
+    src.write_bytes(write_official(bytes(api.payload_size(model, side, side)), side, side))
+    assert main(["decompress", "--model", str(model_dir), "--format", "official", str(src),
+                 "-o", str(tmp_path / "out")]) == 1
+    one_error(capsys, str(src), "megapixels")
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "fifo", "directory.cod", "dangling.cod", "sparse.cod"])
+def test_non_regular_and_oversized_inputs_are_refused_without_reading(model_dir, tmp_path, special):
+    """Run in a subprocess with a timeout: a regression here would hang (a FIFO) or read forever (/dev/zero)."""
+    if special == "/dev/zero":
+        src = "/dev/zero"
+    elif special == "fifo":
+        src = tmp_path / "pipe.cod"
+        os.mkfifo(src)
+    elif special == "directory.cod":
+        src = tmp_path / "directory.cod"
+        (src / "inner").mkdir(parents=True)
+    elif special == "dangling.cod":
+        src = tmp_path / "dangling.cod"
+        src.symlink_to(tmp_path / "nowhere.cod")
+    else:
+        src = tmp_path / "sparse.cod"
+        with open(src, "wb") as f:
+            f.truncate(1 << 40)  # a 1 TiB sparse file
+    out = subprocess.run([sys.executable, "-m", "cod", "decompress", "--model", str(model_dir), str(src),
+                          "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.count("cod: error:") == 1 and "Traceback" not in out.stderr, out.stderr
+    assert str(src) in out.stderr
+    assert no_outputs(tmp_path / "out")
+
+
+def test_one_bad_file_does_not_stop_the_others(model, model_dir, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.cod").write_bytes(model.compress([rand_image(40, 50)], steps=1)[0])
+    (folder / "b.cod").write_bytes(crafted_cod(model, 16384, 16384))
+    (folder / "c.cod").write_bytes(b"\x00" * 10)
+    (folder / "d.cod").write_bytes(model.compress([rand_image(30, 30, 1)], steps=1)[0])
+    assert main(["decompress", "--model", str(model_dir), str(folder), "-o", str(tmp_path / "out")]) == 1
+    one_error(capsys, "2 of 4 inputs failed", "b.cod", "c.cod")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "d.png"]
+
+
+# ---- images --------------------------------------------------------------------------------------------------
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header declares width x height (its data is cut short): a decoder that trusted the header
+    would allocate width * height * 3 bytes before noticing."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("side", [20000, 8192])
+def test_huge_images_are_refused_from_their_header(model_dir, tmp_path, capsys, side):
+    src = png_header_only(tmp_path / f"huge{side}.png", side, side)
+    ok = save_png(tmp_path / "ok.png", rand_image(20, 20))
+    assert main(["compress", "--model", str(model_dir), str(src), str(ok), "-o", str(tmp_path / "out"),
+                 "--steps", "1"]) == 1
+    one_error(capsys, str(src), "megapixels", "--max-pixels")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ok.cod"]
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "fifo"])
+def test_special_files_as_images_are_refused(model_dir, tmp_path, special):
+    src = "/dev/zero" if special == "/dev/zero" else tmp_path / "pipe.png"
+    if special == "fifo":
+        os.mkfifo(src)
+    out = subprocess.run([sys.executable, "-m", "cod", "compress", "--model", str(model_dir), str(src),
+                          "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.count("cod: error:") == 1 and "not a" in out.stderr, out.stderr
+    assert no_outputs(tmp_path / "out")
+
+
+# ---- outputs: never destroy data -------------------------------------------------------------------------------
+def test_decompressing_next_to_the_originals_never_replaces_them(model_dir, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    originals = {name: save_png(photos / f"{name}.png", rand_image(32, 48, i)).read_bytes()
+                 for i, name in enumerate("ab")}
+    assert main(["-q", "compress", "--model", str(model_dir), str(photos), "-o", str(photos), "--steps", "1"]) == 0
+    assert main(["decompress", "--model", str(model_dir), str(photos), "-o", str(photos)]) == 1
+    one_error(capsys, "exist", "--overwrite")
+    assert {p.name: p.read_bytes() for p in photos.glob("*.png")} == {f"{k}.png": v for k, v in originals.items()}
+    # asking to overwrite is an explicit choice ...
+    assert main(["-q", "decompress", "--model", str(model_dir), str(photos / "a.cod"), "-o", str(photos / "a.png"),
+                 "--overwrite"]) == 0
+    assert (photos / "a.png").read_bytes() != originals["a"]
+    # ... but an input is never an output, whatever the options
+    assert main(["compress", "--model", str(model_dir), str(photos / "b.png"), "-o", str(photos / "b.png"),
+                 "--overwrite"]) == 1
+    one_error(capsys, "input")
+    assert (photos / "b.png").read_bytes() == originals["b"]
+
+
+def test_existing_outputs_are_refused_unless_overwrite(model_dir, tmp_path, capsys):
+    src = save_png(tmp_path / "x.png", rand_image(32, 32))
+    target = tmp_path / "x.cod"
+    assert main(["-q", "compress", "--model", str(model_dir), str(src), "-o", str(target), "--steps", "1"]) == 0
+    first = target.read_bytes()
+    assert main(["compress", "--model", str(model_dir), str(src), "-o", str(target), "--steps", "2"]) == 1
+    one_error(capsys, str(target), "--overwrite")
+    assert target.read_bytes() == first
+    assert main(["-q", "compress", "--model", str(model_dir), str(src), "-o", str(target), "--steps", "2",
+                 "--overwrite"]) == 0
+    assert target.read_bytes() != first
+    # a model directory is never replaced silently either
+    before = (model_dir / "model.safetensors").read_bytes()
+    assert main(["new-model", "--preset", "tiny-pixel", "--seed", "5", "--out", str(model_dir)]) == 1
+    one_error(capsys, str(model_dir), "--overwrite")
+    assert (model_dir / "model.safetensors").read_bytes() == before
+
+
+def test_an_output_that_is_a_directory_is_named(model_dir, tmp_path, capsys):
+    src = save_png(tmp_path / "dir.png", rand_image(32, 32))
+    (tmp_path / "out" / "dir.cod").mkdir(parents=True)
+    assert main(["compress", "--model", str(model_dir), str(src), "-o", str(tmp_path / "out")]) == 1
+    err = one_error(capsys, "out/dir.cod", "directory")
+    assert ".partial" not in err
+
+
+def test_a_full_disk_leaves_nothing_and_names_the_output(model_dir, tmp_path, capsys, monkeypatch):
+    import cod.files
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cod.files.os, "fsync", full)
+    src = save_png(tmp_path / "x.png", rand_image(32, 32))
+    assert main(["compress", "--model", str(model_dir), str(src), "-o", str(tmp_path / "out"), "--steps", "1"]) == 1
+    err = one_error(capsys, str(tmp_path / "out" / "x.cod"), "No space left on device")
+    assert "None" not in err and ".partial" not in err
+    assert no_outputs(tmp_path / "out")
+
+
+def test_a_killed_save_leaves_the_old_directory_in_place(model_dir, tmp_path):
+    """SIGKILL in the middle of writing a model directory over an existing one (--overwrite)."""
+    target = tmp_path / "model"
+    shutil.copytree(model_dir, target)
+    before = (target / "model.safetensors").read_bytes()
+    script = ("import os, signal, cod, cod.files\n"
+              "real = os.rename\n"
+              "def killed(src, dst):\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n"
+              "cod.files.os.rename = killed\n"
+              f"cod.new_model('tiny-pixel', {str(target)!r}, seed=9, overwrite=True)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert out.returncode == -signal.SIGKILL
+    assert (target / "model.safetensors").read_bytes() == before
+    assert cod.load(target).fingerprint == json.loads((target / "config.json").read_text())["fingerprint"]
+
+
+# ---- model directories: integrity -----------------------------------------------------------------------------
+def test_wrong_or_damaged_weights_are_refused(model_dir, tmp_path, capsys):
+    foreign = tmp_path / "foreign"
+    shutil.copytree(model_dir, foreign)
+    other = cod.new_model("tiny-pixel", seed=1)
+    save_file({k: v.contiguous() for k, v in other.denoiser.state_dict().items()}, str(foreign / "model.safetensors"))
+    flipped = tmp_path / "flipped"
+    shutil.copytree(model_dir, flipped)
+    data = bytearray((flipped / "model.safetensors").read_bytes())
+    data[-3] ^= 0x10
+    (flipped / "model.safetensors").write_bytes(bytes(data))
+    src = save_png(tmp_path / "x.png", rand_image(32, 32))
+    for bad in (foreign, flipped):
+        assert main(["compress", "--model", str(bad), str(src), "-o", str(tmp_path / "out")]) == 1
+        one_error(capsys, str(bad / "model.safetensors"), "does not match")
+        with pytest.raises(cod.model.ModelDirError):
+            cod.load(bad)
+    assert no_outputs(tmp_path / "out")
+
+
+def test_verification_is_cached_by_file_identity(model_dir, tmp_path, monkeypatch):
+    import cod.files
+
+    copy = tmp_path / "copy"
+    shutil.copytree(model_dir, copy)
+    cod.load(copy)  # verified and remembered
+    calls = []
+    real = cod.files.sha256_file
+    counting = lambda p: calls.append(p) or real(p)  # noqa: E731
+    monkeypatch.setattr(cod.files, "sha256_file", counting)
+    monkeypatch.setattr(cod.model, "sha256_file", counting)
+    cod.load(copy)
+    assert calls == []  # unchanged file: no re-hash
+    cod.load(copy, verify="always")
+    assert len(calls) == 1
+    os.utime(copy / "model.safetensors")  # touched (mtime, ctime): hashed again
+    cod.load(copy)
+    assert len(calls) == 2
+
+
+def _config_cases():
+    def edit(fn):
+        return fn
+
+    return {
+        "sde sampler": edit(lambda c: c["sampling"].update(sampler="euler_sde")),
+        "cfg NaN": edit(lambda c: c["sampling"].update(cfg=float("nan"))),
+        "timeshift 0": edit(lambda c: c["sampling"].update(timeshift=0)),
+        "steps 10000": edit(lambda c: c["sampling"].update(steps=10000)),
+        "missing sampling": edit(lambda c: c.pop("sampling")),
+        "missing denoiser kwargs": edit(lambda c: c["denoiser"].pop("kwargs")),
+        "huge hidden size": edit(lambda c: c["denoiser"]["kwargs"].update(hidden_size=1 << 20)),
+        "num_groups 0": edit(lambda c: c["denoiser"]["kwargs"].update(num_groups=0)),
+        "string ds": edit(lambda c: c["denoiser"]["kwargs"].update(ds="32")),
+        "unknown class": edit(lambda c: c["denoiser"].update({"class": "os.system"})),
+        "format version 99": edit(lambda c: c.update(format_version=99)),
+        "fingerprint missing": edit(lambda c: c.pop("fingerprint")),
+    }
+
+
+@pytest.mark.parametrize("case", list(_config_cases()))
+def test_malformed_configs_are_refused_in_one_line(model_dir, tmp_path, capsys, case):
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    _config_cases()[case](config)
+    (bad / "config.json").write_text(json.dumps(config))
+    src = save_png(tmp_path / "x.png", rand_image(32, 32))
+    assert main(["compress", "--model", str(bad), str(src), "-o", str(tmp_path / "out")]) == 1
+    one_error(capsys, str(bad / "config.json"))
+    assert no_outputs(tmp_path / "out")
+
+
+@pytest.mark.parametrize("content", [b"", b"{" * 100000, b"\xff\xfe garbage", b"[1, 2]", b'{"format": "cod-model"'])
+def test_unparsable_configs_are_refused_in_one_line(model_dir, tmp_path, capsys, content):
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    (bad / "config.json").write_bytes(content)
+    assert main(["info", str(bad)]) == 1
+    one_error(capsys, str(bad / "config.json"))
+
+
+@pytest.mark.parametrize("case", ["truncated", "garbage header", "wrong shapes", "integer tensor", "empty"])
+def test_malformed_weight_files_are_refused_in_one_line(model_dir, tmp_path, capsys, case):
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    weights = bad / "model.safetensors"
+    if case == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif case == "garbage header":
+        weights.write_bytes((1 << 40).to_bytes(8, "little") + b"{}")
+    elif case == "wrong shapes":
+        state = load_file(str(weights))
+        key = next(iter(state))
+        state[key] = state[key].flatten()[:1].clone()
+        save_file(state, str(weights))
+    elif case == "integer tensor":
+        state = load_file(str(weights))
+        key = next(iter(state))
+        state[key] = state[key].to(dtype=__import__("torch").int32)
+        save_file(state, str(weights))
+    else:
+        weights.write_bytes(b"")
+    assert main(["info", str(bad)]) == 0  # the config itself is fine
+    capsys.readouterr()
+    src = save_png(tmp_path / "x.png", rand_image(32, 32))
+    assert main(["compress", "--model", str(bad), str(src), "-o", str(tmp_path / "out")]) == 1
+    one_error(capsys, str(weights))
+
+
+@pytest.mark.parametrize("vae_file", ["../outside.safetensors", "/etc/passwd", "sub/vae.safetensors", "pipe",
+                                      "missing.safetensors"])
+def test_vae_file_must_be_a_regular_file_inside_the_directory(tmp_path, capsys, vae_file):
+    src_dir = tmp_path / "lat"
+    cod.new_model("tiny-latent", src_dir)
+    config = json.loads((src_dir / "config.json").read_text())
+    if vae_file == "pipe":
+        os.mkfifo(src_dir / "pipe")
+    config["latent"]["vae_file"] = vae_file
+    (src_dir / "config.json").write_text(json.dumps(config))
+    img = save_png(tmp_path / "x.png", rand_image(32, 32))
+    assert main(["-q", "compress", "--model", str(src_dir), str(img), "-o", str(tmp_path / "x.cod")]) == 1
+    one_error(capsys, str(src_dir))
+
+
+# ---- the rest of the command line ------------------------------------------------------------------------------
+def test_bogus_device_and_usage_errors_are_one_line(model_dir, tmp_path, capsys):
+    src = save_png(tmp_path / "x.png", rand_image(32, 32))
+    assert main(["compress", "--model", str(model_dir), str(src), "-o", str(tmp_path / "o"), "--device", "bogus"]) == 1
+    one_error(capsys, "--device bogus")
+    with pytest.raises(SystemExit) as e:
+        main(["compress", "--model", str(model_dir), str(src)])
+    assert e.value.code == 2
+    one_error(capsys, "-o")
+    assert main(["fit"]) == 2
+    one_error(capsys, "--config")
+
+
+def test_version_and_help_list_every_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"cod {cod.__version__}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("fit", "compress", "decompress", "evaluate", "demo", "export", "new-model", "import-official"):
+        assert command in out
+
+
+def test_onnx_export_without_onnx_says_what_to_install(model_dir, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("onnx") else
+                        real(name, *a))
+    assert main(["export", "--model", str(model_dir), "--out", str(tmp_path / "x"), "--format", "onnx"]) == 1
+    one_error(capsys, "pip install", "onnx")
+    assert not (tmp_path / "x").exists()
+
+
+def test_evaluate_goes_on_past_a_bad_image(model_dir, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    save_png(folder / "good.png", rand_image(40, 40))
+    (folder / "bad.png").write_bytes(b"not a png")
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--model", str(model_dir), str(folder), "--out-dir", str(out), "--anchors", "jpeg",
+                 "--steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "1 of 2 inputs failed" in err and "bad.png" in err and "evaluate: 2/2" in err
+    rows = json.loads((out / "per_image.json").read_text())
+    assert {r["image"] for r in rows} == {str(folder / "good.png")}
+    assert main(["evaluate", "--model", str(model_dir), str(folder / "good.png"), "--out-dir", str(out)]) == 1
+    one_error(capsys, "--overwrite")
