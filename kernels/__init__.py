@@ -12,6 +12,20 @@ def has_triton() -> bool:
     return triton is not None
 
 
+def common_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v in one dtype for the kernel. Under autocast (bf16-mixed training) the RMS-normalised q and k come out
+    in float32 and v in bfloat16: compute in the autocast dtype, as PyTorch's own attention does under autocast;
+    outside autocast, in the widest of the three."""
+    if q.dtype == k.dtype == v.dtype:
+        return q, k, v
+    device = q.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
               backend: str = "auto") -> torch.Tensor:
     """Softmax attention over [B, L, G, d] tensors.
@@ -24,7 +38,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     tracing = torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
     use_triton = backend == "triton" or (backend == "auto" and q.is_cuda and has_triton() and not tracing)
     if use_triton:
-        return FusedAttention.apply(q, k, v, scale)
+        return FusedAttention.apply(*common_dtype(q, k, v), scale)
     return attention_reference(q, k, v, scale)
 
 

@@ -13,6 +13,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
 try:
     import triton
@@ -27,10 +28,50 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LOG2E = 1.4426950408889634
 
 
+# Most bytes of attention scores (B x G x L x L) the reference may hold at once. SDPA's fused kernels (flash,
+# memory-efficient) never hold them, but its math path materialises the scores and their softmax (~2x the
+# scores at their peak): PyTorch takes it on CPU whenever an input's last dim is strided, as in the condition
+# codec's attention, and ONNX graphs spell attention out that way. Above the budget the reference then takes the
+# queries in chunks against all keys, which is exact: each query's softmax still runs over every key.
+SCORE_BUDGET_BYTES = 256 * 2 ** 20
+
+
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale) v per head, [B, L, G, d] in and out."""
+    """softmax(q k^T * scale) v per head, [B, L, G, d] in and out.
+
+    One SDPA call, unless that call would hold more than SCORE_BUDGET_BYTES of scores: then the queries go
+    through in chunks into a preallocated output, so memory grows linearly with L instead of quadratically.
+    """
+    B, L, G, _ = q.shape
+    # Scores counted in float32 at least: the math path takes the softmax of half-precision inputs in float32.
+    row_bytes = B * G * k.shape[1] * max(q.element_size(), 4)
+    rows = max(1, SCORE_BUDGET_BYTES // row_bytes)
+    if rows >= L or not _sdpa_holds_scores(q, k, v, scale):
+        return _sdpa(q, k, v, scale)
+    out = q.new_empty(B, L, G, v.shape[-1])
+    for start in range(0, L, rows):
+        out[:, start:start + rows] = _sdpa(q[:, start:start + rows], k, v, scale)
+    return out
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
     return out.transpose(1, 2)
+
+
+def _sdpa_holds_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> bool:
+    """Whether SDPA would run these [B, L, G, d] inputs through its math path, which holds all the scores.
+
+    Chunking a fused kernel saves nothing and costs speed (CPU flash attention takes 1.3-2x longer on chunks
+    below 768 queries, where it switches to smaller query blocks), so only math-path inputs are chunked.
+    """
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return True  # a graph runs wherever it is loaded, and ONNX spells attention out in full
+    try:  # PyTorch tells its choice only through this private function
+        choice = torch._fused_sdp_choice(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+        return SDPBackend(choice) == SDPBackend.MATH
+    except (AttributeError, RuntimeError):  # a PyTorch without it, or a device it does not dispatch to
+        return True
 
 
 if triton is not None:

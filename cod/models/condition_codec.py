@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cod.kernels import attention
 from cod.models.vq import VectorQuantizer
 
 TOKEN_STRIDE = 16  # pixels per condition token for every CoD configuration
@@ -56,9 +57,13 @@ class SpatialAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         u = self.norm(x)
-        q, k, v = (m(u).reshape(B, 1, C, H * W).transpose(2, 3) for m in (self.q, self.k, self.v))
-        o = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C], memory-efficient on large images
-        return x + self.proj_out(o.transpose(2, 3).reshape(B, C, H, W))
+        # One head of C channels in the [B, L, G, d] layout of cod.kernels, read in place from the conv outputs.
+        # This strided layout sends PyTorch's CPU SDPA down its math path, which materialises the HW x HW scores;
+        # the reference's query chunking is what keeps large images within its score budget.
+        q, k, v = (m(u).reshape(B, C, H * W).transpose(1, 2).unsqueeze(2) for m in (self.q, self.k, self.v))
+        # The reference, not the Triton kernel: the kernel keeps a whole head dim per tile, and C is up to 1024.
+        o = attention(q, k, v, backend="reference")
+        return x + self.proj_out(o.reshape(B, H * W, C).transpose(1, 2).reshape(B, C, H, W))
 
 
 class Downsample(nn.Module):
