@@ -161,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     for register in _command_modules():
         register(sub)
+    for name, p in sub.choices.items():  # -q/--quiet after any subcommand too (as before it)
+        if name not in LIGHTNING_COMMANDS and "quiet" not in {a.dest for a in p._actions}:
+            p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS,
+                           help="print nothing but errors")
     for name, help_text in LIGHTNING_COMMANDS.items():  # dispatched to LightningCLI before parsing; listed here
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
@@ -168,10 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command_modules():
     """Subcommands that live with their concept (codec product, training) register themselves here."""
+    from cod import demo
     from cod.codec import commands as codec_commands
-    from cod.training import commands as training_commands
 
-    return [codec_commands.register, training_commands.register]
+    return [codec_commands.register, demo.register]
 
 
 def run(func, *args) -> int:

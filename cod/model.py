@@ -217,15 +217,17 @@ class CoDModel(torch.nn.Module):
 
     # ---- persistence ---------------------------------------------------------------------------------------
     def save(self, out_dir: str | os.PathLike, card: dict | None = None, objective_state: dict | None = None,
-             overwrite: bool = False) -> Path:
+             overwrite: bool = False, weights_dtype: torch.dtype | None = None) -> Path:
         """Write the model directory as a whole: assembled in a temporary folder beside out_dir and renamed into
         place, so a crash leaves either no directory or a complete one. An existing out_dir is refused unless
-        overwrite (then it is replaced as a whole)."""
+        overwrite (then it is replaced as a whole). weights_dtype (e.g. torch.float16) stores the denoiser's
+        weights in a smaller type; they are loaded back into float32 parameters."""
         out = Path(out_dir)
         config = {k: v for k, v in self.config.items() if k not in ("fingerprint", "checksums")}
         checksums = {}
         with atomic_directory(out, overwrite) as tmp:
-            weights = {k: v.detach().contiguous().cpu() for k, v in self.denoiser.state_dict().items()}
+            weights = {k: v.detach().to("cpu", weights_dtype).contiguous() for k, v in
+                       self.denoiser.state_dict().items()}
             save_file(weights, str(tmp / WEIGHTS_FILE))
             fingerprint = sha256_file(tmp / WEIGHTS_FILE)
             vae_file = (config.get("latent") or {}).get("vae_file")

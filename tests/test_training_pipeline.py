@@ -184,3 +184,37 @@ def test_codebook_restarts_reseed_unused_codewords_with_encoder_outputs():
 
     off = CoDTrainingModule("tiny-pixel", ds=16, bits=6, codebook_restarts=False)
     assert off.codebook_restarts is None
+
+
+def test_a_folder_without_readable_images_stops_with_an_error_and_exports_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        (data / f"broken{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    args = ["fit", "--config", str(CONF / "tiny.yaml"), "--data.train", str(data), "--data.batch_size", "2",
+            "--trainer.max_steps", "5", "--trainer.enable_progress_bar", "false"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("cod: error:") == 1 and "no readable image" in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "tiny" / "model").exists()
+
+
+def test_odd_entries_in_a_training_folder_are_skipped(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(data / f"ok{i}.png")
+    (data / "folder.png").mkdir()  # a directory with an image suffix
+    (data / "dangling.png").symlink_to(data / "gone.png")
+    args = ["fit", "--config", str(CONF / "tiny.yaml"), "--data.train", str(data), "--data.size", "32",
+            "--data.batch_size", "2", "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false"]
+    assert main(args) == 0
+    assert "skipping 2 entries that are not image files" in capsys.readouterr().err
+    for bad, words in ((["--data.size", "-64"], "data.size"), (["--data.batch_size", "0"], "data.batch_size"),
+                       (["--data.size", "40"], "multiple of")):
+        assert main(args[:-2] + ["--model.export_dir", str(tmp_path / "other")] + bad) == 1
+        err = capsys.readouterr().err
+        assert err.count("cod: error:") == 1 and words in err and "Traceback" not in err, err

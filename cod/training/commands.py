@@ -1,4 +1,4 @@
-"""`cod fit / validate / test / predict` (LightningCLI) and `cod demo`. Registered into cod/cli.py.
+"""`cod fit / validate / test / predict` (LightningCLI), dispatched from cod/cli.py.
 
 Config composition: a YAML file may start with `extends: other.yaml` (a path relative to it, or a list of them);
 the chain is expanded into LightningCLI's own `--config A --config B ...` merging, base first. So conf/ holds one
@@ -102,8 +102,17 @@ def _quiet_third_party():
     for logger in loggers:
         logger.addFilter(quiet)
     argv, sys.argv = sys.argv, sys.argv[:1]
+    package = str(Path(__file__).resolve().parents[1])
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if str(filename).startswith(package):  # cod's own notices (skipped files, ...): one plain line each
+            print(f"cod: warning: {message}", file=sys.stderr)
+        else:
+            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
     try:
         with warnings.catch_warnings():
+            warnings.showwarning = show
             for category in (FutureWarning, DeprecationWarning):
                 warnings.filterwarnings("ignore", category=category)
             warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
@@ -147,17 +156,3 @@ def lightning_main(argv: list[str]) -> int:
 
     code = run(go)
     return code or status["code"]
-
-
-def register(sub) -> None:
-    p = sub.add_parser("demo", help="train a small CoD on bundled photos, then compress held-out ones vs JPEG")
-    p.add_argument("--out", default="cod-demo", help="output folder (model directory, picture, report)")
-    p.add_argument("--minutes", type=float, default=6.0, help="training time budget (the whole demo takes ~1 min more)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_demo)
-
-
-def _cmd_demo(args) -> None:
-    from cod.training.demo import run_demo
-
-    run_demo(Path(args.out), minutes=args.minutes, seed=args.seed, quiet=getattr(args, "quiet", False))
