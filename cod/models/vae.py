@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 # the SD VAE pads right/bottom only before its stride-2 conv, exactly like the condition encoder
 from cod.models.condition_codec import Downsample
+from cod.files import read_bytes_bounded, regular_file_stat
 from cod.models.state_dict import check_state_dict
 
 # Two scales exist because of a quirk of the release (spec §7.1, QUIRK 14): the official CoD latent
@@ -46,7 +47,26 @@ class VAEConfig:
     def from_diffusers_config(cls, data: dict) -> "VAEConfig":
         """Read a diffusers `config.json`; settings this implementation does not build are refused rather
         than ignored, since ignoring them would give a model that loads but computes something else."""
-        levels = len(data.get("block_out_channels", cls.block_out_channels))
+        if not isinstance(data, dict):
+            raise ValueError("unsupported VAE config.json: not a JSON object")
+        channels = data.get("block_out_channels", cls.block_out_channels)
+        levels = len(channels) if isinstance(channels, (list, tuple)) else 0
+        groups = data.get("norm_num_groups", cls.norm_num_groups)
+
+        def count(v, hi):  # bool is not a count
+            return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= hi
+
+        # bounds before anything is built: the SD VAE has 4 levels of at most 512 channels
+        bad = [f"{k}={data.get(k)!r}" for k, ok in (
+            ("block_out_channels", 1 <= levels <= 6 and all(count(c, 2048) and count(groups, 64) and c % groups == 0
+                                                           for c in channels)),
+            ("layers_per_block", count(data.get("layers_per_block", cls.layers_per_block), 8)),
+            ("latent_channels", count(data.get("latent_channels", cls.latent_channels), 64)),
+            ("in_channels", count(data.get("in_channels", cls.in_channels), 4)),
+            ("out_channels", count(data.get("out_channels", cls.out_channels), 4)),
+            ("norm_num_groups", count(groups, 64))) if not ok]
+        if bad:
+            raise ValueError("unsupported VAE config.json: " + "; ".join(bad))
         required = {
             "_class_name": "AutoencoderKL",
             "act_fn": "silu",
@@ -344,15 +364,21 @@ def convert_state_dict(state: dict[str, torch.Tensor], num_levels: int = 4) -> d
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    regular_file_stat(path, "VAE weights file")  # never a FIFO or a device, which the readers would block on
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own types for malformed files
+            raise ValueError(f"{path} is not a valid safetensors file ({' '.join(str(e).split())})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path} holds more than tensors and is not unpickled for safety; "
-                         f"convert it to .safetensors ({e})") from e
+                         f"convert it to .safetensors ({' '.join(str(e).split())[:300]})") from None
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for damaged or foreign files
+        raise ValueError(f"{path} is not a readable torch checkpoint ({' '.join(str(e).split())[:300]})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a (Lightning/LDM) training checkpoint
     if not isinstance(state, dict):
@@ -371,7 +397,11 @@ def load_vae(path: str | os.PathLike | None, preset: str = "sd-vae") -> Autoenco
     config = VAE_PRESETS[preset]
     if path.is_dir():
         if (path / "config.json").is_file():
-            config = VAEConfig.from_diffusers_config(json.loads((path / "config.json").read_text()))
+            try:
+                data = json.loads(read_bytes_bounded(path / "config.json", 1 << 20, "VAE config"))
+            except (ValueError, RecursionError) as e:
+                raise ValueError(f"{path / 'config.json'} is not valid JSON ({e})") from None
+            config = VAEConfig.from_diffusers_config(data)
         candidates = [path / f"diffusion_pytorch_model.{ext}" for ext in ("safetensors", "bin")]
         weights = next((c for c in candidates if c.is_file()), None)
         if weights is None:
