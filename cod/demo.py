@@ -67,7 +67,7 @@ def run_demo(out: Path, overwrite: bool = False, train_steps: int | None = None,
     t0 = time.perf_counter()
     with one_thread(), atomic_directory(out, overwrite) as tmp:
         if train_steps:
-            model_dir = train_small_model(tmp / "model", train_steps, seed, say)
+            model_dir = train_small_model(tmp / "model", train_steps, seed, say, progress=not quiet)
             source = f"a tiny-pixel CoD trained here for {train_steps} steps"
         else:
             shutil.copytree(embedded_model_dir(), tmp / "model")
@@ -142,7 +142,7 @@ def _panel(original: np.ndarray, cod_recon: np.ndarray, anchor: np.ndarray, capt
     return np.concatenate(tiles, axis=1)
 
 
-def train_small_model(out: Path, steps: int, seed: int, say) -> Path:
+def train_small_model(out: Path, steps: int, seed: int, say, progress: bool = True) -> Path:
     """A tiny CoD trained from scratch for exactly `steps` steps on the photos in TRAIN (progress and time left on
     the way); the exported EMA weights as a model directory."""
     import lightning as L
@@ -171,7 +171,7 @@ def train_small_model(out: Path, steps: int, seed: int, say) -> Path:
                         collate_fn=collate_skipping)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=1, logger=False,
                         enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, enable_progress_bar=True, deterministic=False)
+                        num_sanity_val_steps=0, enable_progress_bar=progress, deterministic=False)
     start = time.perf_counter()
     trainer.fit(module, loader)
     say(f"trained {trainer.global_step} steps in {time.perf_counter() - start:.0f} s")

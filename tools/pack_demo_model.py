@@ -33,8 +33,11 @@ def main() -> int:
     else:
         from cod.training.module import CoDTrainingModule
 
+        import inspect
+
         ckpt = torch.load(source, map_location="cpu", weights_only=True)
-        module = CoDTrainingModule(**ckpt["hyper_parameters"])
+        accepted = inspect.signature(CoDTrainingModule).parameters
+        module = CoDTrainingModule(**{k: v for k, v in ckpt["hyper_parameters"].items() if k in accepted})
         module.load_state_dict(ckpt["state_dict"])
         model = CoDModel(module.model_config, module.ema.module.eval())
         step = ckpt["global_step"]
