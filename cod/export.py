@@ -79,7 +79,7 @@ def export(model: CoDModel, out_dir: str | Path, fmt: str = "onnx", height: int 
            batch: int = 1, overwrite: bool = False) -> dict:
     """Write the graphs and manifest.json into out_dir, as a whole (assembled beside it, renamed into place)."""
     check_exportable(fmt)
-    check_pixels(width, height, DEFAULT_MAX_PIXELS, f"export size {height}x{width}")
+    check_pixels(width * batch, height, DEFAULT_MAX_PIXELS, f"export size {batch}x{height}x{width}")
     model.check_size(height, width)
     with atomic_directory(Path(out_dir), overwrite) as out:
         return _export(model.to("cpu").eval(), out, fmt, height, width, batch)

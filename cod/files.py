@@ -91,6 +91,34 @@ def read_bytes_bounded(path: str | os.PathLike, max_bytes: int, what: str = "fil
     return data
 
 
+MAX_YAML_NODES = 100_000
+
+
+def load_yaml(data: bytes, source: str):
+    """YAML text -> Python data, safely (yaml.safe_load: no objects) and bounded: a document whose aliases expand
+    it past MAX_YAML_NODES nodes (a "billion laughs" file of a few hundred bytes) is refused, because the consumers
+    walk and copy the expanded tree."""
+    import yaml
+
+    try:
+        tree = yaml.safe_load(data)
+    except (yaml.YAMLError, RecursionError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"{source} is not valid YAML: {' '.join(str(e).split())}") from None
+    budget = [MAX_YAML_NODES]
+
+    def walk(node, depth: int) -> None:  # counts every visit, so shared (aliased) nodes count each time
+        budget[0] -= 1
+        if budget[0] < 0 or depth > 64:
+            raise InputError(f"{source}: the YAML document is too large or deep once its aliases are expanded "
+                             f"(more than {MAX_YAML_NODES} values or 64 levels)")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            walk(child, depth + 1)
+
+    walk(tree, 0)
+    return tree
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -101,10 +129,13 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def cache_dir() -> Path:
     """Where cod keeps what it can recompute (verified hashes, cost-model tables): $COD_CACHE_DIR, else
-    $XDG_CACHE_HOME/cod, else ~/.cache/cod."""
+    $XDG_CACHE_HOME/cod, else ~/.cache/cod. Callers ignore a cache they cannot read or write."""
     if os.environ.get("COD_CACHE_DIR"):
         return Path(os.environ["COD_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    try:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    except RuntimeError:  # no home directory (HOME unset, no passwd entry): a folder that caching will skip
+        return Path(os.devnull) / "cod"
     return Path(base) / "cod"
 
 

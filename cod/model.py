@@ -285,7 +285,8 @@ def read_config(path: str | os.PathLike) -> dict:
     """A model directory's config.json, parsed and validated (cod.model_config); ModelDirError otherwise."""
     path = Path(path)
     if not path.is_dir():
-        raise ModelDirError(f"model directory {path} does not exist; create one with `cod new-model` or "
+        what = "is not a directory" if os.path.lexists(path) else "does not exist"
+        raise ModelDirError(f"model directory {path} {what}; create one with `cod new-model` or "
                             f"`cod import-official`")
     cfg_path = path / "config.json"
     if not os.path.lexists(cfg_path):

@@ -444,3 +444,37 @@ def test_evaluate_goes_on_past_a_bad_image(model_dir, tmp_path, capsys):
     assert {r["image"] for r in rows} == {str(folder / "good.png")}
     assert main(["evaluate", "--model", str(model_dir), str(folder / "good.png"), "--out-dir", str(out)]) == 1
     one_error(capsys, "--overwrite")
+
+
+def test_yaml_alias_bombs_are_refused(tmp_path, capsys):
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    (tmp_path / "bomb.yaml").write_text(bomb + "model: {preset: tiny-pixel}\n")
+    assert len(bomb) < 1000
+    assert main(["fit", "--config", str(tmp_path / "bomb.yaml")]) == 1
+    one_error(capsys, "bomb.yaml", "aliases")
+    assert main(["import-official", "--ckpt", str(tmp_path / "x.pt"), "--config", str(tmp_path / "bomb.yaml"),
+                 "--out", str(tmp_path / "m")]) == 1
+    one_error(capsys)
+
+
+def test_odd_option_values_are_one_line(model, model_dir, tmp_path, capsys):
+    data = model.compress([rand_image(32, 32)], steps=1)[0]
+    (tmp_path / "x.cod").write_bytes(data)
+    for extra, word in ((["--seed", str(1 << 70)], "seed"), (["--cfg", "inf"], "guidance"),
+                        (["--cfg", "1e300"], "guidance")):
+        assert main(["decompress", "--model", str(model_dir), str(tmp_path / "x.cod"), "-o",
+                     str(tmp_path / "o.png")] + extra) == 1
+        one_error(capsys, word)
+    assert main(["export", "--model", str(model_dir), "--out", str(tmp_path / "e"), "--format", "torchscript",
+                 "--batch", "100000"]) == 1
+    one_error(capsys, "megapixels")
+    assert main(["info", str(tmp_path / "x.cod")]) == 1
+    one_error(capsys, "is not a directory")
+
+
+def test_no_home_directory_only_disables_the_cache(model_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("COD_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    assert cod.load(model_dir).fingerprint

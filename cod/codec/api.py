@@ -170,8 +170,11 @@ def decode_options(header: Header, sampler: str | None = None, steps: int | None
         _check_sampler(options["sampler"])
     if options.get("steps", 1) < 1:
         raise ValueError(f"steps must be at least 1, got {options['steps']}")
-    if not math.isfinite(options.get("cfg", 0.0)):
-        raise ValueError(f"guidance scale must be a finite number, got {options['cfg']}")
+    if not math.isfinite(options.get("cfg", 0.0)) or abs(options.get("cfg", 0.0)) > container.FLOAT16_MAX:
+        raise ValueError(f"guidance scale must be a finite number within +-{container.FLOAT16_MAX:g}, got "
+                         f"{options['cfg']}")
+    if seed is not None and not 0 <= seed < 1 << 32:
+        raise ValueError(f"seed must be in [0, 2^32), got {seed}")
     return options, seed if seed is not None else (p.seed if p else 0)
 
 

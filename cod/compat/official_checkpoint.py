@@ -11,9 +11,8 @@ import pickle
 from pathlib import Path
 
 import torch
-import yaml
 
-from cod.files import read_bytes_bounded, regular_file_stat
+from cod.files import load_yaml, read_bytes_bounded, regular_file_stat
 from cod.model import CoDModel, ModelDirError, build_config, build_denoiser, load_state_strict, sha256_file
 from cod.model_config import MAX_CONFIG_BYTES
 from cod.models.presets import PRESETS, Preset
@@ -95,10 +94,7 @@ def _denoiser_class(name: str) -> str | None:
 def preset_from_official_config(path: str | Path) -> tuple[Preset, dict, list[str]]:
     """(preset, sampling overrides, notes) from the release's YAML config."""
     path = Path(path)
-    try:
-        tree = yaml.safe_load(read_bytes_bounded(path, MAX_CONFIG_BYTES, "config file"))
-    except (yaml.YAMLError, RecursionError) as e:
-        raise ModelDirError(f"{path} is not valid YAML: {e}") from None
+    tree = load_yaml(read_bytes_bounded(path, MAX_CONFIG_BYTES, "config file"), str(path))
     found = _find_class(tree, lambda n: _denoiser_class(n) is not None)
     if not found:
         raise ModelDirError(f"{path} names no PixNerDiT or DDT denoiser (class_path/init_args)")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from cod.files import read_bytes_bounded
+from cod.files import load_yaml, read_bytes_bounded
 from cod.model_config import MAX_CONFIG_BYTES
 
 
@@ -29,10 +29,7 @@ def _expand(path: Path, seen: tuple = ()) -> list[str]:
         raise ValueError(f"config {path} extends itself (cycle: {' -> '.join(map(str, seen))})")
     if len(seen) > MAX_EXTENDS_DEPTH:
         raise ValueError(f"config {path}: `extends` chains deeper than {MAX_EXTENDS_DEPTH} files")
-    try:
-        data = yaml.safe_load(read_bytes_bounded(path, MAX_CONFIG_BYTES, "config file")) or {}
-    except (yaml.YAMLError, RecursionError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    data = load_yaml(read_bytes_bounded(path, MAX_CONFIG_BYTES, "config file"), str(path)) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping at the top level")
     parents = data.pop("extends", None) or []
