@@ -250,6 +250,8 @@ class CoDModel(torch.nn.Module):
                 config["checksums"] = checksums
             atomic_write_bytes(tmp / "config.json", (json.dumps(config, indent=2) + "\n").encode())
             atomic_write_bytes(tmp / "MODEL_CARD.md", render_model_card(config, card or {}).encode())
+        if weights_dtype is not None:  # this model now is what the directory holds: the rounded weights
+            self.denoiser.load_state_dict(weights)
         self.config, self.fingerprint, self.path = config, fingerprint, out
         return out
 
