@@ -43,7 +43,7 @@ def _cmd_new_model(args) -> None:
     from cod.files import check_output_dir
     from cod.model import new_model
 
-    check_output_dir(args.out, overwrite=args.overwrite)
+    check_output_dir(args.out, overwrite=args.overwrite, marker="config.json")
     model = new_model(args.preset, args.out, seed=args.seed, ds=args.ds, bits=args.bits, up2x=args.up2x,
                       overwrite=args.overwrite)
     _say(args, f"wrote {args.out}: {args.preset}, {model.bpp:.6g} bpp, sides multiple of {model.size_multiple}")
@@ -54,7 +54,8 @@ def _cmd_import_official(args) -> None:
     from cod.files import check_output_dir
 
     check_output_dir(args.out, [args.ckpt] + ([args.config] if args.config else []) + ([args.vae] if args.vae
-                                                                                     else []), args.overwrite)
+                                                                                     else []), args.overwrite,
+                     marker="config.json")
     model = import_official(args.ckpt, args.out, config=args.config, preset=args.preset, weights=args.weights,
                             vae=args.vae, overwrite=args.overwrite)
     _say(args, f"wrote {args.out}: {model.config['denoiser']['class']}, {model.bpp:.6g} bpp, "
@@ -75,7 +76,7 @@ def _cmd_export(args) -> None:
     from cod.files import check_output_dir
 
     check_exportable(args.format)
-    check_output_dir(args.out, [args.model], args.overwrite)
+    check_output_dir(args.out, [args.model], args.overwrite, marker="manifest.json")
     args.device = "cpu"
     manifest = export(load_model(args), args.out, fmt=args.format, height=args.height, width=args.width,
                       batch=args.batch, overwrite=args.overwrite)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-import shutil
 import time
 from importlib import resources
 from pathlib import Path
@@ -60,18 +59,19 @@ def one_thread():
 
 def run_demo(out: Path, overwrite: bool = False, train_steps: int | None = None, seed: int = 0,
              quiet: bool = False) -> dict:
-    from cod.files import atomic_directory, atomic_write_bytes, check_output_dir
+    from cod.files import atomic_directory, atomic_write_bytes, check_output_dir, copy_files
 
     say = (lambda *a, **k: None) if quiet else (lambda *a, **k: print(*a, **k, flush=True))
-    check_output_dir(out, overwrite=overwrite)
+    check_output_dir(out, overwrite=overwrite, marker="report.json")
     t0 = time.perf_counter()
-    with one_thread(), atomic_directory(out, overwrite) as tmp:
+    with one_thread(), atomic_directory(out, overwrite, marker="report.json") as tmp:
         if train_steps:
             model_dir = train_small_model(tmp / "model", train_steps, seed, say, progress=not quiet)
             source = f"a tiny-pixel CoD trained here for {train_steps} steps"
         else:
-            shutil.copytree(embedded_model_dir(), tmp / "model")
             model_dir = tmp / "model"
+            model_dir.mkdir()
+            copy_files(embedded_model_dir(), model_dir)
             source = "the embedded mini-pixel CoD (cod/assets/demo-model, docs/demo.md)"
         report = compress_photos(model_dir, tmp, source, say)
         report["seconds_total"] = round(time.perf_counter() - t0, 1)

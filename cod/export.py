@@ -81,7 +81,7 @@ def export(model: CoDModel, out_dir: str | Path, fmt: str = "onnx", height: int 
     check_exportable(fmt)
     check_pixels(width * batch, height, DEFAULT_MAX_PIXELS, f"export size {batch}x{height}x{width}")
     model.check_size(height, width)
-    with atomic_directory(Path(out_dir), overwrite) as out:
+    with atomic_directory(Path(out_dir), overwrite, marker="manifest.json") as out:
         return _export(model.to("cpu").eval(), out, fmt, height, width, batch)
 
 

@@ -19,6 +19,7 @@ import os
 import secrets
 import shutil
 import stat
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -156,13 +157,7 @@ def sha256_file_cached(path: str | os.PathLike) -> str:
     st = os.stat(path)
     key = _hash_key(path, st)
     cache_file = cache_dir() / "sha256.json"
-    try:
-        cache = json.loads(cache_file.read_text()) if cache_file.is_file() and \
-            cache_file.stat().st_size < 4 * MiB else {}
-        if not isinstance(cache, dict):
-            cache = {}
-    except (OSError, ValueError, RecursionError):
-        cache = {}
+    cache = read_cache_json(cache_file)
     entry = cache.get(str(path))
     if isinstance(entry, dict) and entry.get("key") == key and isinstance(entry.get("sha256"), str):
         return entry["sha256"]
@@ -176,6 +171,16 @@ def sha256_file_cached(path: str | os.PathLike) -> str:
     with contextlib.suppress(OSError):
         atomic_write_bytes(cache_file, json.dumps(cache).encode(), overwrite=True)
     return digest
+
+
+def read_cache_json(path: Path) -> dict:
+    """A JSON object from the cache folder, or {} when it is missing, unreadable, not a regular file, large or
+    malformed: the cache is only ever a shortcut."""
+    try:
+        data = json.loads(read_bytes_bounded(path, 4 * MiB, "cache file"))
+    except (ValueError, OSError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = False) -> None:
@@ -263,37 +268,66 @@ def check_outputs(targets: Iterable[str | os.PathLike], inputs: Iterable[str | o
                                 f"another output (-o)")
 
 
+def _is_own_output(path: Path, marker: str | None) -> bool:
+    """An existing directory that cod may replace: empty, or holding the marker file its kind of output has
+    (config.json of a model directory, manifest.json of an export, report.json of a demo)."""
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return False
+    return not entries or (marker is not None and any(e.name == marker for e in entries))
+
+
 def check_output_dir(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (),
-                     overwrite: bool = False) -> None:
-    """Refuse, before any work, an output directory that exists (unless overwrite), that is a file, or that holds
-    or is one of the inputs (always)."""
-    path = Path(path)
-    if not os.path.lexists(path):
-        return
-    if not path.is_dir():
-        raise OutputExistsError(f"output {path} exists and is not a directory; choose another output")
+                     overwrite: bool = False, marker: str | None = None) -> None:
+    """Refuse, before any work, an output directory that exists (unless overwrite), that is a file, that is or
+    holds one of the inputs (always), or that is not an earlier output of the same kind (always: --overwrite
+    replaces cod's own outputs, never a folder of the user's files). `marker` names the file that every output
+    of this kind holds."""
+    path = Path(os.path.abspath(path))
     resolved = path.resolve()
     for p in inputs:
         p = Path(p).resolve()
         if p == resolved or resolved in p.parents:
             raise OutputExistsError(f"output {path} holds an input of this command ({p}); cod never writes over "
                                     f"its inputs: choose another output")
+    if not os.path.lexists(path):
+        return
+    if not path.is_dir():
+        raise OutputExistsError(f"output {path} exists and is not a directory; choose another output")
     if not overwrite:
         raise OutputExistsError(f"output {path} exists already: pass --overwrite to replace it (as a whole), or "
                                 f"choose another output")
+    if not _is_own_output(path, marker):
+        raise OutputExistsError(f"output {path} exists and is not an earlier cod output of this kind (no {marker} "
+                                f"in it): cod replaces only its own outputs, even with --overwrite; remove it "
+                                f"yourself or choose another output")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    if sys.platform != "linux":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `path`; when the block ends without an error, it becomes `path` in
-    one rename (an existing `path` is refused unless overwrite, and then replaced as a whole). On any error, or
-    if the process is killed, `path` is untouched; a killed process leaves only a hidden `.NAME.partial-*`
-    folder beside it."""
-    path = Path(path)
-    if os.path.lexists(path) and not overwrite:
-        raise OutputExistsError(f"{path} exists already: pass --overwrite to replace it, or choose another output")
-    if path.exists() and not path.is_dir():
-        raise OutputExistsError(f"{path} exists and is not a directory; choose another output")
+def atomic_directory(path: str | os.PathLike, overwrite: bool = False, marker: str | None = None) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; when the block ends without an error, it becomes `path` as
+    a whole. An existing `path` is refused unless overwrite, and then only if it is an earlier output of the same
+    kind (check_output_dir); it is swapped with the new one in one atomic step where the system allows (Linux),
+    else renamed aside first. On any error, or if the process is killed, `path` is untouched; a killed process
+    leaves only a hidden `.NAME.partial-*` folder beside it."""
+    path = Path(os.path.abspath(path))
+    check_output_dir(path, overwrite=overwrite, marker=marker)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
@@ -301,15 +335,19 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
         raise OSError(e.errno, f"cannot create it: {e.strerror or e}", str(path)) from None
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
+        mask = _umask()
+        for entry in tmp.rglob("*"):  # mkdtemp makes 0700 and some writers 0600: the permissions open() gives
+            os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~mask)
+        os.chmod(tmp, 0o777 & ~mask)
         if os.path.lexists(path):
-            if not overwrite:
-                raise OutputExistsError(f"{path} exists already (created while cod was writing it): pass "
-                                        f"--overwrite to replace it")
-            old = path.with_name(f".{path.name}.old-{secrets.token_hex(4)}")
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            check_output_dir(path, overwrite=overwrite, marker=marker)  # created or changed while we wrote
+            if _exchange(tmp, path):
+                shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old directory
+            else:
+                old = path.with_name(f".{path.name}.old-{secrets.token_hex(4)}")
+                os.rename(path, old)
+                os.rename(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, path)
     except OSError as e:
@@ -320,3 +358,10 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def copy_files(src: Path, dst: Path) -> None:
+    """Copy the regular files of folder src into folder dst (errors are OSErrors naming the file)."""
+    for entry in sorted(Path(src).iterdir()):
+        if entry.is_file():
+            shutil.copyfile(entry, dst / entry.name)

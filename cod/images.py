@@ -8,7 +8,6 @@ from __future__ import annotations
 import glob
 import io
 import os
-import struct
 import warnings
 from pathlib import Path
 
@@ -22,6 +21,9 @@ from cod.limits import DEFAULT_MAX_PIXELS, check_pixels
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
 MAX_IMAGE_FILE_BYTES = GiB
+# The formats cod decodes: those whose header states the size of the image that will be decoded.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF", "PPM", "AVIF")
+MAX_JPEG_SCANS = 256
 # Pillow's own decompression-bomb guard (it refuses twice this many pixels) stays as a second line behind ours.
 Image.MAX_IMAGE_PIXELS = 1 << 28
 
@@ -34,8 +36,9 @@ def to_rgb8(img: Image.Image, name: str = "image") -> np.ndarray:
         scale = 65535.0 if arr.max(initial=0) > 255 or img.mode.startswith("I;16") else 255.0
         gray = np.clip(np.round(arr / scale * 255.0), 0, 255).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=2)
-    if img.mode == "F":
-        gray = np.clip(np.round(np.asarray(img) * 255.0), 0, 255).astype(np.uint8)
+    if img.mode == "F":  # float samples in [0, 1]; NaN becomes 0 and infinities the ends of the range
+        values = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=1.0, neginf=0.0)
+        gray = np.clip(np.round(np.clip(values, 0, 1) * 255.0), 0, 255).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=2)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         warnings.warn(f"{name}: alpha channel dropped (CoD codes RGB)", stacklevel=2)
@@ -62,6 +65,35 @@ def as_rgb8(image) -> np.ndarray:
     return arr
 
 
+def check_jpeg_scans(data: bytes, name: str) -> None:
+    """Refuse a JPEG with more scans than any encoder writes: each scan of a progressive JPEG makes the decoder
+    pass over the whole image again, so a file of repeated tiny scans decodes for hours. Scan markers (FF DA)
+    cannot occur inside entropy-coded data (0xFF is stuffed there), so counting them is enough."""
+    scans = data.count(b"\xff\xda") if data[:2] == b"\xff\xd8" else 0
+    if scans > MAX_JPEG_SCANS:
+        raise InputError(f"{name}: a JPEG with {scans} scans (encoders write at most a few dozen; this many would "
+                         f"take hours to decode)")
+
+
+def decode_image(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+    """Image file bytes -> HxWx3 uint8 RGB, for the formats in IMAGE_FORMATS only (ICO, ICNS, EPS and the like
+    hold images Pillow decodes before or regardless of the declared size). The pixel count is checked from the
+    header before decoding; every decoder failure becomes one InputError naming the file."""
+    check_jpeg_scans(data, name)
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
+            check_pixels(*img.size, max_pixels, name)
+            img.load()
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                return to_rgb8(img, name)
+    except (LimitError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - decoders raise many types for damaged files; each is this file's fault
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise InputError(f"{name}: cannot read image ({reason})") from None
+
+
 def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """An image file -> HxWx3 uint8 RGB (see to_rgb8). 16-bit RGB files reach us already reduced to 8 bits by
     Pillow (high byte); 16-bit grayscale is rescaled here. Any failure names the file."""
@@ -69,19 +101,7 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     data = read_bytes_bounded(path, MAX_IMAGE_FILE_BYTES, "image file")
     if not data:
         raise InputError(f"{path}: empty file (0 bytes), not an image")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            check_pixels(*img.size, max_pixels, str(path))
-            img.load()
-            with warnings.catch_warnings():
-                warnings.simplefilter("always")
-                return to_rgb8(img, str(path))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error,
-            Image.DecompressionBombError) as e:
-        if isinstance(e, LimitError):
-            raise
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise InputError(f"{path}: cannot read image ({reason})") from None
+    return decode_image(data, str(path), max_pixels)
 
 
 def collect_inputs(inputs: list[str], suffixes: set[str] = IMAGE_SUFFIXES, recursive: bool = False) -> list[Path]:

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from cod.errors import LimitError
-from cod.files import atomic_write_bytes, cache_dir
+from cod.files import atomic_write_bytes, cache_dir, read_cache_json
 
-COST_MODEL_VERSION = 1  # bump when the count changes, to invalidate cached polynomials
+COST_MODEL_VERSION = 2  # bump when the count changes, to invalidate cached polynomials
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 DEFAULT_MAX_STEPS = 100
@@ -61,6 +61,16 @@ class Limits:
             return float(self.max_tflop)
         return DEFAULT_MAX_TFLOP.get(getattr(device, "type", str(device)).split(":")[0], DEFAULT_MAX_TFLOP["cpu"])
 
+    def check_encode(self, model, height: int, width: int, name: str) -> None:
+        """Refuse encoding one height x width image over the pixel or work limit."""
+        check_pixels(width, height, self.max_pixels, name)
+        work = encode_tflop(model, height, width)
+        budget = self.tflop_budget(model.device)
+        if work > budget:
+            raise LimitError(f"{name}: encoding this {width}x{height} image is estimated at {work:,.0f} TFLOP, over "
+                             f"the limit of {budget:,.0f} TFLOP for a {model.device.type} device (--max-tflop); "
+                             f"pass --max-tflop {math.ceil(work)} to run it anyway")
+
     def check_decode(self, model, height: int, width: int, steps: int, name: str) -> None:
         """Refuse decoding one height x width image with `steps` steps when it is over any limit. The pixel and
         step checks come first: the work estimate is only computed for sizes that could fit."""
@@ -81,40 +91,53 @@ class Limits:
 # The cost model
 # --------------------------------------------------------------------------------------------------------------
 def decode_tflop(model, height: int, width: int, steps: int) -> float:
-    """Estimated TFLOP to decode one height x width image with `steps` sampling steps: the condition map (once),
-    `steps` guidance-pair passes of the denoiser, and the VAE decoder for latent models.
+    """Estimated TFLOP to decode one height x width image with `steps` sampling steps: the condition map and the
+    unconditional one (the condition encoder on a blank image, then the decoder), `steps` guidance-pair passes of
+    the denoiser, and the VAE decoder for latent models."""
+    parts = _work(model, height, width)
+    return (steps * parts["step"] + parts["once"]) / 1e12
+
+
+def encode_tflop(model, height: int, width: int) -> float:
+    """Estimated TFLOP to encode one height x width image (the condition encoder and the codebook search)."""
+    return _work(model, height, width)["encode"] / 1e12
+
+
+def _work(model, height: int, width: int) -> dict[str, float]:
+    """FLOPs of each part of coding an image, at its padded size.
 
     Every part is a quadratic polynomial in the number of 16x16-pixel tokens L (convolutions and linear layers
     grow with L, attention with L^2), so the FLOPs of the model's own graph, counted on the meta device (shapes
     only: no memory, no arithmetic) at three sizes, fix the polynomial exactly. Counting takes a second or two
     the first time a process meets a model, so the polynomials are also cached on disk per model config."""
     m = model.size_multiple
-    ph, pw = -(-height // m) * m, -(-width // m) * m
-    step, once = _polynomials(json.dumps(model.config["denoiser"], sort_keys=True),
-                              json.dumps(model.config.get("latent"), sort_keys=True), model.family, m)
-    tokens = (ph // 16) * (pw // 16)
-    value = lambda c: c[0] + c[1] * tokens + c[2] * tokens * tokens  # noqa: E731
-    return (steps * value(step) + value(once)) / 1e12
+    tokens = (-(-height // m) * m // 16) * (-(-width // m) * m // 16)
+    polynomials = _polynomials(json.dumps(model.config["denoiser"], sort_keys=True),
+                               json.dumps(model.config.get("latent"), sort_keys=True), model.family, m)
+    return {part: c[0] + c[1] * tokens + c[2] * tokens * tokens for part, c in polynomials.items()}
+
+
+PARTS = ("step", "once", "encode")
 
 
 @lru_cache(maxsize=16)
-def _polynomials(denoiser_json: str, latent_json: str, family: str, multiple: int):
+def _polynomials(denoiser_json: str, latent_json: str, family: str, multiple: int) -> dict[str, tuple]:
     key = hashlib.sha256(f"{COST_MODEL_VERSION}|{denoiser_json}|{latent_json}|{family}|{multiple}".encode()).hexdigest()
     cache = cache_dir() / "flops" / f"{key[:32]}.json"
     try:
-        data = json.loads(cache.read_text())
-        step, once = (tuple(float(v) for v in data[k]) for k in ("step", "once"))
-        if len(step) == len(once) == 3 and all(map(math.isfinite, step + once)):
-            return step, once
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        data = read_cache_json(cache)
+        polynomials = {part: tuple(float(v) for v in data[part]) for part in PARTS}
+        if all(len(c) == 3 and all(map(math.isfinite, c)) for c in polynomials.values()):
+            return polynomials
+    except (ValueError, KeyError, TypeError):
         pass
-    step, once = _count_polynomials(denoiser_json, latent_json, family, multiple)
+    polynomials = _count_polynomials(denoiser_json, latent_json, family, multiple)
     with contextlib.suppress(OSError):
-        atomic_write_bytes(cache, json.dumps({"step": step, "once": once}).encode(), overwrite=True)
-    return step, once
+        atomic_write_bytes(cache, json.dumps(polynomials).encode(), overwrite=True)
+    return polynomials
 
 
-def _count_polynomials(denoiser_json: str, latent_json: str, family: str, multiple: int):
+def _count_polynomials(denoiser_json: str, latent_json: str, family: str, multiple: int) -> dict[str, tuple]:
     import numpy as np
     import torch
 
@@ -130,23 +153,25 @@ def _count_polynomials(denoiser_json: str, latent_json: str, family: str, multip
 
             vae = AutoencoderKL(VAE_PRESETS[latent["vae_preset"]])
 
-    count = lambda fn: float(count_flops(fn))  # noqa: E731
+    codec, f = denoiser.codec, 1 if family == "pixel" else LATENT_DOWNSAMPLE
     sizes = [multiple * k for k in (1, 2, 3)]
-    step_flops, once_flops = [], []
+    counts = {part: [] for part in PARTS}
     for side in sizes:
-        f = 1 if family == "pixel" else LATENT_DOWNSAMPLE
-        x = torch.empty(2, denoiser.in_channels, side // f, side // f, device="meta")
-        t = torch.empty(2, device="meta")
-        h, w = denoiser.codec.index_grid(side, side)
-        indices = torch.zeros(2, h, w, dtype=torch.long, device="meta")
-        cond = torch.empty(2, denoiser.hidden_size, side // 16, side // 16, device="meta")
-        step_flops.append(count(lambda: denoiser(x, t, cond=cond)))
-        once = count(lambda: denoiser.codec.decode_indices(indices))
+        def meta(*shape, dtype=torch.float32):
+            return torch.empty(*shape, dtype=dtype, device="meta")
+
+        h, w = codec.index_grid(side, side)
+        image, indices = meta(1, 3, side, side), meta(1, h, w, dtype=torch.long)
+        x, cond = meta(2, denoiser.in_channels, side // f, side // f), meta(2, denoiser.hidden_size, side // 16,
+                                                                           side // 16)
+        counts["step"].append(count_flops(denoiser, x, meta(2), cond=cond))
+        encode = count_flops(codec.encode_indices, image)
+        once = 2 * count_flops(codec.decode_indices, indices) + encode  # the file's map, and the blank image's
         if vae is not None:
-            once += count(lambda: vae.decode(torch.empty(1, vae.config.latent_channels, side // f, side // f,
-                                                         device="meta")))
-        once_flops.append(once)
+            once += count_flops(vae.decode, meta(1, vae.config.latent_channels, side // f, side // f))
+        counts["once"].append(once)
+        counts["encode"].append(encode)
     tokens = np.array([(s // 16) ** 2 for s in sizes], dtype=np.float64)
     basis = np.stack([np.ones(3), tokens, tokens ** 2], axis=1)
-    return (tuple(float(c) for c in np.linalg.solve(basis, step_flops)),
-            tuple(float(c) for c in np.linalg.solve(basis, once_flops)))
+    return {part: tuple(float(c) for c in np.linalg.solve(basis, np.array(v, dtype=np.float64)))
+            for part, v in counts.items()}

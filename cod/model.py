@@ -225,7 +225,7 @@ class CoDModel(torch.nn.Module):
         out = Path(out_dir)
         config = {k: v for k, v in self.config.items() if k not in ("fingerprint", "checksums")}
         checksums = {}
-        with atomic_directory(out, overwrite) as tmp:
+        with atomic_directory(out, overwrite, marker="config.json") as tmp:
             weights = {k: v.detach().to("cpu", weights_dtype).contiguous() for k, v in
                        self.denoiser.state_dict().items()}
             save_file(weights, str(tmp / WEIGHTS_FILE))

@@ -185,9 +185,10 @@ def parse_config_bytes(data: bytes, source: str) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------------------------
-def validate_config(config: object, source: str) -> dict:
-    """`config` itself when every field is valid, else one ModelDirError listing every invalid field."""
-    fix = "re-create the directory with `cod new-model` or `cod import-official`"
+def validate_config(config: object, source: str,
+                    fix: str = "re-create the directory with `cod new-model` or `cod import-official`") -> dict:
+    """`config` itself when every field is valid, else one ModelDirError listing every invalid field, ending with
+    `fix` (what to do)."""
     if not isinstance(config, dict):
         raise ModelDirError(f"{source} holds a JSON {_json_type(config)}, not an object; it is not a cod model "
                             f"config: {fix}")
@@ -378,6 +379,10 @@ def _check_latent(config: dict, family: str | None, errors: _Errors) -> None:
         problem = file_name_problem(lat["vae_file"])
         if problem:
             errors.add("latent.vae_file", lat["vae_file"], f"null (VAE from $COD_VAE_PATH) or {problem}")
+        elif not (isinstance(config.get("checksums"), dict) and lat["vae_file"] in config["checksums"]):
+            # a bundled VAE decodes every image: like the denoiser's weights, it must be the file that was saved
+            errors.note(f"checksums: no sha256 of the bundled VAE file {_show(lat['vae_file'])} (every model "
+                        f"directory written by cod records one)")
     lo, hi = LATENT_SCALE_RANGE
     if "scale" in lat and not (_is_number(lat["scale"]) and lo <= lat["scale"] <= hi):
         errors.add("latent.scale", lat["scale"], f"a number in [{lo:g}, {hi:g}] (SD VAE: 0.18215)")

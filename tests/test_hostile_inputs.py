@@ -253,20 +253,33 @@ def test_a_full_disk_leaves_nothing_and_names_the_output(model_dir, tmp_path, ca
     assert no_outputs(tmp_path / "out")
 
 
-def test_a_killed_save_leaves_the_old_directory_in_place(model_dir, tmp_path):
-    """SIGKILL in the middle of writing a model directory over an existing one (--overwrite)."""
+@pytest.mark.parametrize("when", ["before the swap", "after the swap", "between two renames"])
+def test_a_killed_save_leaves_a_complete_directory(model_dir, tmp_path, when):
+    """SIGKILL while a model directory is written over an existing one (--overwrite): the directory is the old
+    one or the new one, whole, never a mix (where the system cannot swap two directories in one step, the old
+    one is renamed aside first; killed between the renames, it survives under a hidden name)."""
     target = tmp_path / "model"
     shutil.copytree(model_dir, target)
     before = (target / "model.safetensors").read_bytes()
-    script = ("import os, signal, cod, cod.files\n"
-              "real = os.rename\n"
-              "def killed(src, dst):\n"
-              "    os.kill(os.getpid(), signal.SIGKILL)\n"
-              "cod.files.os.rename = killed\n"
+    kill = "os.kill(os.getpid(), signal.SIGKILL)"
+    hook = {"before the swap": f"def exchange(a, b):\n    {kill}\n",
+            "after the swap": f"def exchange(a, b):\n    real(a, b)\n    {kill}\n",
+            "between two renames": ("calls = []\n"
+                                    "def rename(a, b):\n    calls.append(a)\n    os.rename(a, b)\n"
+                                    f"    if len(calls) == 1:\n        {kill}\n"
+                                    "cod.files.os = type('os', (), {**vars(os), 'rename': staticmethod(rename)})\n"
+                                    "def exchange(a, b):\n    return False\n")}[when]
+    script = ("import os, signal, cod, cod.files\nreal = cod.files._exchange\n" + hook +
+              "cod.files._exchange = exchange\n"
               f"cod.new_model('tiny-pixel', {str(target)!r}, seed=9, overwrite=True)\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
-    assert out.returncode == -signal.SIGKILL
-    assert (target / "model.safetensors").read_bytes() == before
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    if when == "between two renames":
+        assert not target.exists()
+        (old,) = tmp_path.glob(".model.old-*")
+        assert (old / "model.safetensors").read_bytes() == before
+        return
+    assert ((target / "model.safetensors").read_bytes() == before) == (when == "before the swap")
     assert cod.load(target).fingerprint == json.loads((target / "config.json").read_text())["fingerprint"]
 
 

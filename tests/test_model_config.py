@@ -74,9 +74,13 @@ def test_every_rate_validates(row):
 def test_written_variants_validate():
     """What new_model, import-official, training and the demo write: vae files, the official scale, sampling
     overrides, checksums; unknown top-level keys are ignored."""
-    validate_config(make_config("tiny-latent", vae_file="vae.safetensors"), SOURCE)
-    validate_config(make_config("latent-xl", latent_scale=OFFICIAL_LATENT_SCALE, vae_file="vae.safetensors",
-                                sampling={"steps": 4, "cfg": 3.0, "last_step": 0.04}), SOURCE)
+    bundled = make_config("tiny-latent", vae_file="vae.safetensors")
+    with pytest.raises(ModelDirError, match="no sha256 of the bundled VAE"):  # a bundled VAE must be checksummed
+        validate_config(bundled, SOURCE)
+    validate_config({**bundled, "checksums": {"vae.safetensors": "a" * 64}}, SOURCE)
+    validate_config({**make_config("latent-xl", latent_scale=OFFICIAL_LATENT_SCALE, vae_file="vae.safetensors",
+                                   sampling={"steps": 4, "cfg": 3.0, "last_step": 0.04}),
+                     "checksums": {"vae.safetensors": "b" * 64}}, SOURCE)
     validate_config(make_config(sampling={"sampler": "euler", "steps": 1, "cfg": 1.0}), SOURCE)
     config = make_config()
     config["preset"] = None

@@ -101,11 +101,13 @@ def check_compressible(model, height: int, width: int, fmt: str = "cod", limits:
                        name: str = "image") -> None:
     """Raise ValueError unless an image of this size can be written in `fmt` within the limits (checked before any
     coding work)."""
-    check_pixels(width, height, limits.max_pixels, name)
+    limits.check_encode(model, height, width, name)
     container.check_size(height, width)
     if fmt == "official" and (height, width) != padded_size(model, height, width):
         raise ValueError(f"the official format cannot restore a {height}x{width} image: its sides must be "
                          f"multiples of {model.size_multiple} (the default cod format takes any size)")
+    if fmt == "official" and max(height, width) >= 1 << 16:
+        raise ValueError(f"the official format's header cannot hold a {height}x{width} image (sides up to 65535)")
 
 
 def compress(model, images, fmt: str = "cod", batch_size: int = 1, sampler: str | None = None,

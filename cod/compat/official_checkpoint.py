@@ -7,15 +7,15 @@ the offending keys.
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
 
 from cod.files import load_yaml, read_bytes_bounded, regular_file_stat
 from cod.model import CoDModel, ModelDirError, build_config, build_denoiser, load_state_strict, sha256_file
-from cod.model_config import MAX_CONFIG_BYTES
+from cod.model_config import MAX_CONFIG_BYTES, validate_config
 from cod.models.presets import PRESETS, Preset
+from cod.models.state_dict import check_state_dict, load_torch_file, tensor_state
 
 DENOISER_KWARGS = {
     "PixNerDiT": ("in_channels", "patch_size", "hidden_size", "num_groups", "num_blocks", "num_cond_blocks",
@@ -41,22 +41,11 @@ def _safe_globals() -> list:
     return allowed
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """The flat state dict of an official checkpoint: under 'module' (DeepSpeed), else 'state_dict'
-    (Lightning), else the top-level dict."""
+def read_checkpoint(path: str | Path) -> dict:
+    """The flat state dict of an official checkpoint: under 'module' (DeepSpeed), else 'state_dict' (Lightning),
+    else the top-level dict (read by load_torch_file: no code, no allocation bombs)."""
     path = Path(path)
-    regular_file_stat(path, "checkpoint file")  # never a FIFO or a device, which torch.load would block on
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelDirError(
-            f"{path} holds pickled Python objects besides tensors, which cod refuses to unpickle: unpickling a file "
-            f"can run any code in it ({first}). Use the release's original checkpoint file (it loads as weights "
-            f"only), or ask whoever gave you this file for a weights-only or safetensors version") from None
-    except Exception as e:  # noqa: BLE001 - torch.load raises many types for damaged or foreign files
-        raise ModelDirError(f"{path} is not a readable torch checkpoint ({' '.join(str(e).split())[:300]})") from None
+    ckpt = load_torch_file(path, "checkpoint", _safe_globals())
     if not isinstance(ckpt, dict):
         raise ModelDirError(f"{path} does not hold a dict of tensors")
     for key in ("module", "state_dict"):
@@ -99,6 +88,8 @@ def preset_from_official_config(path: str | Path) -> tuple[Preset, dict, list[st
     if not found:
         raise ModelDirError(f"{path} names no PixNerDiT or DDT denoiser (class_path/init_args)")
     cls = _denoiser_class(found[0])
+    if not isinstance(found[1], dict):
+        raise ModelDirError(f"{path}: the denoiser's init_args must be a mapping, got {type(found[1]).__name__}")
     init_args = dict(found[1])
     notes = []
     known = DENOISER_KWARGS[cls]
@@ -119,11 +110,13 @@ def _sampling_from_config(tree) -> dict:
     if not found:
         return {}
     name, args = found
+    if not isinstance(args, dict):
+        return {}  # validated with the rest of the config (validate_config) before anything is built
     out = {}
     if "Euler" in name:
         out["sampler"] = "euler"
     elif "Adam" in name:
-        out["sampler"] = f"adam{int(args.get('order', 2))}"
+        out["sampler"] = f"adam{args.get('order', 2)}"
     for ours, theirs in (("steps", "num_steps"), ("cfg", "guidance"), ("last_step", "last_step"),
                          ("timeshift", "timeshift")):
         if theirs in args:
@@ -149,9 +142,9 @@ def import_official(ckpt: str | Path, out_dir: str | Path, config: str | Path | 
         spec, sampling = get_preset(preset), {}
     state = read_checkpoint(ckpt)
     prefix = PREFIXES[weights]
-    picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    picked = tensor_state(state, str(ckpt), prefix)
     if not picked:
-        prefixes = sorted({k.split(".", 1)[0] + "." for k in state})[:8]
+        prefixes = sorted({k.split(".", 1)[0] + "." for k in state if isinstance(k, str)})[:8]
         raise ModelDirError(f"{ckpt} has no '{prefix}*' weights (found prefixes: {', '.join(prefixes)})")
     latent = None
     vae_file = None
@@ -159,9 +152,18 @@ def import_official(ckpt: str | Path, out_dir: str | Path, config: str | Path | 
         latent = LatentSpace(load_vae(vae, preset=spec.vae_preset), scale=OFFICIAL_LATENT_SCALE)
         vae_file = "vae.safetensors"
     cfg = build_config(spec, preset, latent_scale=OFFICIAL_LATENT_SCALE, vae_file=vae_file, sampling=sampling)
-    denoiser = build_denoiser(cfg)
-    load_state_strict(denoiser, {k: v.float() for k, v in picked.items()}, f"'{prefix}*' weights of {ckpt}")
-    trainer = {k[len(TRAINER_PREFIX):]: v.float() for k, v in state.items() if k.startswith(TRAINER_PREFIX)}
+    # the config that would be written is checked like any model directory's before anything is built (the
+    # release's YAML is input too), and the denoiser is built on the meta device and compared with the
+    # checkpoint's shapes before its memory is allocated
+    validate_config({**cfg, "fingerprint": "0" * 64, **({"checksums": {vae_file: "0" * 64}} if vae_file else {})},
+                    str(config or f"preset {preset}"))
+    with torch.device("meta"):
+        denoiser = build_denoiser(cfg)
+    what = f"'{prefix}*' weights of {ckpt}"
+    check_state_dict(denoiser, picked, what)
+    denoiser = denoiser.to_empty(device="cpu")
+    load_state_strict(denoiser, {k: v.float() for k, v in picked.items()}, what)
+    trainer = {k: v.float() for k, v in tensor_state(state, str(ckpt), TRAINER_PREFIX).items()}
     model = CoDModel(cfg, denoiser.eval(), latent)
     card = {"title": f"{Path(ckpt).name} ({weights.upper()} weights)",
             "provenance": f"imported by `cod import-official` from {Path(ckpt).name} "

@@ -1,11 +1,62 @@
-"""Strict state-dict checking: the one place that compares weights files with a module's layout.
+"""Weights files: reading torch checkpoints safely, and strict state-dict checking (the one place that compares
+weights with a module's layout).
 
 The release copies the keys it finds and silently keeps initial values for the rest (QUIRK 16b); we never do.
 """
 from __future__ import annotations
 
+import pickle
+import zipfile
+
 import torch
 import torch.nn as nn
+
+from cod.errors import InputError
+from cod.files import regular_file_stat
+
+
+def load_torch_file(path, what: str = "checkpoint", safe_globals=()):
+    """torch.load of an untrusted file, without running code (weights_only) and without allocation bombs: the
+    file must be a regular file; in torch's zip format every member must be stored uncompressed (torch.save never
+    compresses), so no member can expand past the file's own size. Every failure is an InputError naming path."""
+    size = regular_file_stat(path, f"{what} file").st_size
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                bad = [i.filename for i in z.infolist() if i.compress_type != zipfile.ZIP_STORED or i.file_size > size]
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            raise InputError(f"{path} is not a readable torch {what} ({e})") from None
+        if bad:
+            raise InputError(f"{path} is not a torch {what} as torch.save writes it: member {bad[0]} is compressed "
+                             f"or larger than the file (a decompression bomb?)")
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path} holds pickled Python objects besides tensors, which cod refuses to unpickle: "
+                         f"unpickling a file can run any code in it ({first[:200]}). Use the original checkpoint "
+                         f"(it loads as weights only), or ask for a weights-only or safetensors version") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for damaged or foreign files
+        raise InputError(f"{path} is not a readable torch {what} ({' '.join(str(e).split())[:300]})") from None
+
+
+def tensor_state(state, source: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The entries of a loaded checkpoint dict whose names start with prefix (prefix removed), checked to be real
+    floating-point tensors: anything else in a weights file is refused, naming the entry."""
+    if not isinstance(state, dict):
+        raise InputError(f"{source} does not hold a dict of tensors (found {type(state).__name__})")
+    out = {}
+    for key, value in state.items():
+        if not isinstance(key, str) or not key.startswith(prefix):
+            continue
+        if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point or value.is_complex():
+            kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+            raise InputError(f"{source}: entry {key!r} is {kind}, not a floating-point tensor")
+        out[key[len(prefix):]] = value
+    return out
 
 
 class StateDictMismatch(ValueError):

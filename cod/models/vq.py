@@ -6,6 +6,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+DISTANCE_BUDGET_BYTES = 64 << 20
+
+
 class VectorQuantizer(nn.Module):
     """Nearest-codeword quantiser with a straight-through estimator.
 
@@ -33,12 +36,17 @@ class VectorQuantizer(nn.Module):
         return (self.num_codes - 1).bit_length()
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        """Indices [B, h, w] of the nearest codewords for z [B, dim, h, w]."""
+        """Indices [B, h, w] of the nearest codewords for z [B, dim, h, w]. The distance matrix (vectors x codes) is
+        built in runs of rows that stay under DISTANCE_BUDGET_BYTES, since each row's argmin needs only its row:
+        a 16-bit codebook on a fine grid would otherwise need tens of GB. Inputs that fit take the single call."""
         flat = z.permute(0, 2, 3, 1).reshape(-1, self.dim)
         codebook = self.embedding.weight.to(flat.dtype)
-        dist = (flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1)[None]
-                - 2 * flat @ codebook.t())
-        return dist.argmin(dim=1).reshape(z.shape[0], z.shape[2], z.shape[3])
+        code_norms = codebook.pow(2).sum(1)[None]
+        rows = max(1, DISTANCE_BUDGET_BYTES // (4 * self.num_codes))
+        parts = [flat] if flat.shape[0] <= rows else flat.split(rows)
+        out = [(part.pow(2).sum(1, keepdim=True) + code_norms - 2 * part @ codebook.t()).argmin(dim=1)
+               for part in parts]
+        return (out[0] if len(out) == 1 else torch.cat(out)).reshape(z.shape[0], z.shape[2], z.shape[3])
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Exact codebook rows for indices [B, h, w] -> [B, dim, h, w]."""

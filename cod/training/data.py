@@ -10,7 +10,6 @@ Sources (the `train` / `val` strings of ImageDataModule):
 from __future__ import annotations
 
 import glob
-import io
 import random
 import re
 import tarfile
@@ -26,12 +25,14 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 
 from cod.errors import InputError
 from cod.files import read_bytes_bounded
-from cod.images import IMAGE_SUFFIXES, MAX_IMAGE_FILE_BYTES, to_rgb8
-from cod.limits import check_pixels
+from cod.images import IMAGE_SUFFIXES, decode_image, to_rgb8
 
-# A training image larger than this is skipped as unreadable (checked from its header, before decoding): crops
-# are at most a few hundred pixels, and one 100-megapixel file would take gigabytes per dataloader worker.
+# A training image larger than this is skipped as unreadable (checked from its header, before decoding, and again
+# for the size it would be resized to): crops are at most a few hundred pixels, and one 100-megapixel image would
+# take gigabytes per dataloader worker. Files (and tar members) are read only up to MAX_TRAIN_FILE_BYTES.
 MAX_TRAIN_PIXELS = 1 << 26
+MAX_TRAIN_FILE_BYTES = 256 << 20
+MAX_SHARDS = 1_000_000
 
 
 class SkipCounter:
@@ -53,6 +54,9 @@ def crop(image: np.ndarray, size: int, train: bool, rng: random.Random) -> torch
     if min(h, w) < size:
         scale = size / min(h, w)
         nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        if nh * nw > MAX_TRAIN_PIXELS:  # a 1x16384 strip would become 256x4194304
+            raise ValueError(f"{h}x{w} would be resized to {nh}x{nw} for {size}-pixel crops, over "
+                             f"{MAX_TRAIN_PIXELS} pixels")
         image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BICUBIC))
         h, w = nh, nw
     top = rng.randint(0, h - size) if train else (h - size) // 2
@@ -61,14 +65,23 @@ def crop(image: np.ndarray, size: int, train: bool, rng: random.Random) -> torch
     return torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1).float().div(255)
 
 
+def crop_or_skip(image: np.ndarray | None, size: int, train: bool, rng: random.Random,
+                 name: str) -> torch.Tensor | None:
+    """crop(), or None (skipped and counted) for no image or one too large to crop."""
+    if image is None:
+        return None
+    try:
+        return crop(image, size, train, rng)
+    except ValueError as e:
+        SkipCounter.note(name, e)
+        return None
+
+
 def decode_bytes(data: bytes, name: str) -> np.ndarray | None:
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            check_pixels(*img.size, MAX_TRAIN_PIXELS, name)
-            img.load()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return to_rgb8(img, name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return decode_image(data, name, MAX_TRAIN_PIXELS)
     except Exception as e:  # noqa: BLE001 - any undecodable image is skipped, whatever the decoder raised
         SkipCounter.note(name, e)
         return None
@@ -89,7 +102,7 @@ def read_image_bytes(path: Path) -> bytes | None:
     """A training image's bytes, or None (skipped and counted) when it cannot be read: gone, a broken link, not a
     regular file, unreadable, or larger than any image file cod reads."""
     try:
-        return read_bytes_bounded(path, MAX_IMAGE_FILE_BYTES, "image file")
+        return read_bytes_bounded(path, MAX_TRAIN_FILE_BYTES, "training image file")
     except (InputError, OSError) as e:
         SkipCounter.note(str(path), e)
         return None
@@ -129,8 +142,8 @@ class FolderDataset(Dataset):
     def __getitem__(self, key):
         i, epoch = _split_key(key)
         rng = _crop_rng(self.seed, epoch, i, self.train)
-        image = self._image(i)
-        return None if image is None else (crop(image, self.size, self.train, rng), i)
+        patch = crop_or_skip(self._image(i), self.size, self.train, rng, str(self.files[i]))
+        return None if patch is None else (patch, i)
 
 
 class HFDataset(Dataset):
@@ -156,7 +169,8 @@ class HFDataset(Dataset):
         data = item["bytes"] if item.get("bytes") else read_image_bytes(Path(item["path"]))
         image = None if data is None else decode_bytes(data, f"{self.key}[{i}]")
         rng = _crop_rng(self.seed, epoch, i, self.train)
-        return None if image is None else (crop(image, self.size, self.train, rng), i)
+        patch = crop_or_skip(image, self.size, self.train, rng, f"{self.key}[{i}]")
+        return None if patch is None else (patch, i)
 
 
 def _shard(items: list, rank: int, world: int) -> list:
@@ -171,6 +185,8 @@ def expand_braces(pattern: str) -> list[str]:
     if not m:
         return sorted(glob.glob(pattern)) or [pattern]
     lo, hi, width = int(m[1]), int(m[2]), len(m[1])
+    if hi - lo + 1 > MAX_SHARDS:
+        raise ValueError(f"tar:{pattern} names {hi - lo + 1} shards, more than {MAX_SHARDS}")
     return [pattern[: m.start()] + str(i).zfill(width) + pattern[m.end():] for i in range(lo, hi + 1)]
 
 
@@ -190,10 +206,17 @@ class TarShards(IterableDataset):
         for shard in _shard(shards, self.rank, self.world):
             with tarfile.open(shard) as tar:
                 for member in tar:
-                    if member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES:
-                        image = decode_bytes(tar.extractfile(member).read(), f"{shard}:{member.name}")
-                        if image is not None:
-                                yield crop(image, self.size, self.train, rng), zlib.crc32(f"{shard}:{member.name}".encode())
+                    if not (member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES):
+                        continue
+                    name = f"{shard}:{member.name}"
+                    if member.size > MAX_TRAIN_FILE_BYTES or member.issparse():  # bounded before any byte is read
+                        SkipCounter.note(name, ValueError(f"a {member.size}-byte member (sparse or over "
+                                                          f"{MAX_TRAIN_FILE_BYTES} bytes)"))
+                        continue
+                    data = tar.extractfile(member).read(MAX_TRAIN_FILE_BYTES + 1)
+                    patch = crop_or_skip(decode_bytes(data, name), self.size, self.train, rng, name)
+                    if patch is not None:
+                        yield patch, zlib.crc32(name.encode())
 
 
 class HFStream(IterableDataset):
@@ -214,9 +237,11 @@ class HFStream(IterableDataset):
             if i % (self.world * workers) != self.rank * workers + wid:
                 continue
             value = next((v for v in item.values() if isinstance(v, Image.Image)), None)
-            if value is None:
+            if value is None or value.width * value.height > MAX_TRAIN_PIXELS:
                 continue
-            yield crop(to_rgb8(value), self.size, self.train, rng), i
+            patch = crop_or_skip(to_rgb8(value), self.size, self.train, rng, f"{self.spec}[{i}]")
+            if patch is not None:
+                yield patch, i
 
 
 def build_dataset(source: str, size: int, train: bool, seed: int = 0, rank: int = 0, world: int = 1,

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 from cod.diffusion.losses import CoDObjective, TrainingDraws
 from cod.errors import CodError, OutputExistsError
+from cod.files import check_output_dir
+from cod.model_config import validate_config
 from cod.images import as_rgb8
 from cod.metrics import ms_ssim
 from cod.model import CoDModel, build_config, build_denoiser, load, load_state_strict
@@ -73,6 +75,9 @@ class CoDTrainingModule(L.LightningModule):
         spec = get_preset(preset, ds=ds, bits=bits, up2x=up2x, rope_step=rope_step)
         self.family = spec.family
         self.model_config = build_config(spec, preset, sampling=sampling)  # sampling: the exported defaults
+        # what will be exported must be a valid model directory: checked now, not after hours of training
+        validate_config({**self.model_config, "fingerprint": "0" * 64}, "the model section of this training config",
+                        fix="correct the model settings (docs/training.md)")
         with torch.random.fork_rng():  # seeded initialisation without touching the caller's RNG state
             torch.manual_seed(seed)
             self.denoiser = build_denoiser(self.model_config)
@@ -183,11 +188,18 @@ class CoDTrainingModule(L.LightningModule):
     def _check_before_training(self) -> None:
         """What would fail or destroy data at the end of a run is refused before its first step."""
         export_dir = self.hparams.export_dir
+        data = getattr(self.trainer, "datamodule", None)
         if export_dir and os.path.lexists(export_dir) and not self.hparams.export_overwrite:
             raise OutputExistsError(f"model.export_dir {export_dir} exists already (an earlier run's model?): set "
                                     f"--model.export_dir to a new folder, or --model.export_overwrite true to "
                                     f"replace it at the end of this run")
-        data = getattr(self.trainer, "datamodule", None)
+        if export_dir:
+            sources = [getattr(getattr(data, "hparams", None), k, None) for k in ("train", "val")]
+            local = [s for s in sources if isinstance(s, str) and os.path.exists(s)]
+            try:
+                check_output_dir(export_dir, local, overwrite=True, marker="config.json")
+            except OutputExistsError as e:
+                raise OutputExistsError(f"model.export_dir: {e}") from None
         size = getattr(getattr(data, "hparams", None), "size", None)
         multiple = self.export_model().size_multiple
         if isinstance(size, int) and size % multiple:
