@@ -179,7 +179,7 @@ def train_small_model(out: Path, steps: int, seed: int, say, progress: bool = Tr
 
 
 def register(sub) -> None:
-    from cod.codec.commands import positive_int
+    from cod.codec.commands import non_negative_int, positive_int
 
     p = sub.add_parser("demo", help="compress bundled photos with the embedded model and compare with JPEG/WebP "
                                     "(--train: train a small model first)")
@@ -188,7 +188,7 @@ def register(sub) -> None:
     p.add_argument("--train", nargs="?", const=TRAIN_STEPS, type=positive_int, metavar="STEPS",
                    help=f"train a tiny model from scratch for STEPS steps first (default {TRAIN_STEPS}, a few "
                         f"minutes on one CPU thread) and demonstrate that one")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of --train (default 0)")
     p.set_defaults(func=_cmd_demo)
 
 

@@ -10,15 +10,16 @@ defaults and the measured errors.
 """
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
 
 import torch
 
-from cod.errors import CodError
+from cod.errors import CodError, LimitError
 from cod.files import atomic_directory, atomic_write_bytes
-from cod.limits import DEFAULT_MAX_PIXELS, check_pixels
+from cod.limits import DEFAULT_MAX_PIXELS
 from cod.model import CoDModel
 
 FORMATS = ("torchscript", "onnx")
@@ -79,7 +80,10 @@ def export(model: CoDModel, out_dir: str | Path, fmt: str = "onnx", height: int 
            batch: int = 1, overwrite: bool = False) -> dict:
     """Write the graphs and manifest.json into out_dir, as a whole (assembled beside it, renamed into place)."""
     check_exportable(fmt)
-    check_pixels(width * batch, height, DEFAULT_MAX_PIXELS, f"export size {batch}x{height}x{width}")
+    if batch * height * width > DEFAULT_MAX_PIXELS:
+        raise LimitError(f"export size {batch}x{height}x{width} is {batch * height * width / 1e6:.1f} megapixels, "
+                         f"over the {DEFAULT_MAX_PIXELS / 1e6:.1f} an export traces; graphs are traced at one size, "
+                         f"so export at the size you serve, up to 4096x4096")
     model.check_size(height, width)
     with atomic_directory(Path(out_dir), overwrite, marker="manifest.json") as out:
         return _export(model.to("cpu").eval(), out, fmt, height, width, batch)
@@ -98,16 +102,19 @@ def _export(model: CoDModel, out: Path, fmt: str, height: int, width: int, batch
             expected = module(*args)
         suffix = ".pt" if fmt == "torchscript" else ".onnx"
         path = out / f"{name}{suffix}"
+        # graphs are serialised in memory and written like every other output: a full disk is then an OSError
+        # naming the file (torch's own file writers abort the process on one)
+        buf = io.BytesIO()
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             if fmt == "torchscript":
-                traced = torch.jit.trace(module, args, check_trace=False)
-                traced.save(str(path))
-                actual = torch.jit.load(str(path))(*args)
+                torch.jit.save(torch.jit.trace(module, args, check_trace=False), buf)
+                actual = torch.jit.load(io.BytesIO(buf.getvalue()))(*args)
             else:
-                torch.onnx.export(module, args, str(path), dynamo=False, input_names=names[name][0],
+                torch.onnx.export(module, args, buf, dynamo=False, input_names=names[name][0],
                                   output_names=names[name][1], opset_version=17)
-                actual = _run_onnx(path, names[name][0], args)
+                actual = _run_onnx(buf.getvalue(), names[name][0], args)
+        atomic_write_bytes(path, buf.getvalue())
         err = (actual.float() - expected.float()).abs().max().item()
         if expected.dtype == torch.int64 and err != 0:
             raise RuntimeError(f"exported {name} graph gives other indices than PyTorch")
@@ -118,8 +125,8 @@ def _export(model: CoDModel, out: Path, fmt: str, height: int, width: int, batch
     return manifest
 
 
-def _run_onnx(path: Path, input_names: list[str], args: tuple) -> torch.Tensor:
+def _run_onnx(model: bytes, input_names: list[str], args: tuple) -> torch.Tensor:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     return torch.from_numpy(session.run(None, {n: a.numpy() for n, a in zip(input_names, args)})[0])

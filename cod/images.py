@@ -5,7 +5,6 @@ count (read from the header, before anything is decoded) must be within the call
 """
 from __future__ import annotations
 
-import glob
 import io
 import os
 import warnings
@@ -119,7 +118,7 @@ def collect_inputs(inputs: list[str], suffixes: set[str] = IMAGE_SUFFIXES, recur
         elif p.exists():
             out.append(p)
         elif any(ch in item for ch in "*?["):
-            found = sorted(Path(f) for f in glob.glob(item, recursive=True) if Path(f).is_file())
+            found = sorted(f for f in _glob(item) if f.is_file())
             if not found:
                 raise InputError(f"{item}: pattern matches no files")
             out.extend(found)
@@ -131,6 +130,23 @@ def collect_inputs(inputs: list[str], suffixes: set[str] = IMAGE_SUFFIXES, recur
             seen.add(p.resolve())
             unique.append(p)
     return unique
+
+
+MAX_GLOB_MATCHES = 1_000_000
+
+
+def _glob(pattern: str) -> list[Path]:
+    """Paths matching a shell pattern (`**` for any depth). pathlib's matching is used because it does not descend
+    into symbolic links to folders: the glob module follows them, and two links to `.` make it run forever."""
+    parts = Path(pattern).parts
+    first = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?["))
+    base = Path(*parts[:first]) if first else Path(".")
+    found = []
+    for path in base.glob(str(Path(*parts[first:]))):
+        found.append(path if first else Path(os.path.relpath(path)))
+        if len(found) > MAX_GLOB_MATCHES:
+            raise InputError(f"{pattern}: the pattern matches more than {MAX_GLOB_MATCHES} paths")
+    return found
 
 
 def png_bytes(array: np.ndarray) -> bytes:

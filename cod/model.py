@@ -75,6 +75,8 @@ class CoDModel(torch.nn.Module):
         self.path = path
         self._fingerprint = config.get("fingerprint", "")
         self._uncond_cache: dict[tuple, torch.Tensor] = {}
+        self.vae_path: str | None = None  # where a latent model's VAE comes from when not bundled (else $COD_VAE_PATH)
+        self.verify = "cached"
 
     @property
     def fingerprint(self) -> str:
@@ -180,7 +182,7 @@ class CoDModel(torch.nn.Module):
     def _ensure_latent(self) -> None:
         """Latent models load their VAE on first use, so that indices and samples need no VAE weights."""
         if self.family == "latent" and self.latent is None:
-            self.latent = _load_latent(self.path or Path("."), self.config, None).to(self.device)
+            self.latent = _load_latent(self.path or Path("."), self.config, self.vae_path, self.verify).to(self.device)
 
     @torch.no_grad()
     def reconstruct(self, images01: torch.Tensor, seeds: int | list[int] = 0, **sampling) -> torch.Tensor:
@@ -228,13 +230,13 @@ class CoDModel(torch.nn.Module):
         with atomic_directory(out, overwrite, marker="config.json") as tmp:
             weights = {k: v.detach().to("cpu", weights_dtype).contiguous() for k, v in
                        self.denoiser.state_dict().items()}
-            save_file(weights, str(tmp / WEIGHTS_FILE))
+            _save_tensors(weights, tmp / WEIGHTS_FILE)
             fingerprint = sha256_file(tmp / WEIGHTS_FILE)
             vae_file = (config.get("latent") or {}).get("vae_file")
             if vae_file:
                 if self.latent is not None:
                     vae_sd = {k: v.detach().contiguous().cpu() for k, v in self.latent.vae.state_dict().items()}
-                    save_file(vae_sd, str(tmp / vae_file))
+                    _save_tensors(vae_sd, tmp / vae_file)
                 elif self.path is not None and (self.path / vae_file).is_file():  # never loaded: copy it as is
                     shutil.copyfile(self.path / vae_file, tmp / vae_file)
                 else:
@@ -242,8 +244,8 @@ class CoDModel(torch.nn.Module):
                                         f"is not loaded and no source directory holds it")
                 checksums[vae_file] = sha256_file(tmp / vae_file)
             if objective_state:
-                save_file({k: v.detach().contiguous().cpu() for k, v in objective_state.items()},
-                          str(tmp / OBJECTIVE_FILE))
+                _save_tensors({k: v.detach().contiguous().cpu() for k, v in objective_state.items()},
+                              tmp / OBJECTIVE_FILE)
                 checksums[OBJECTIVE_FILE] = sha256_file(tmp / OBJECTIVE_FILE)
             config["fingerprint"] = fingerprint
             if checksums:
@@ -254,6 +256,16 @@ class CoDModel(torch.nn.Module):
             self.denoiser.load_state_dict(weights)
         self.config, self.fingerprint, self.path = config, fingerprint, out
         return out
+
+
+def _save_tensors(tensors: dict, path: Path) -> None:
+    """safetensors' save_file, its failures (a full disk, say) as the OSError they are, naming the file."""
+    try:
+        save_file(tensors, str(path))
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors reports write errors as its own SafetensorError
+        raise OSError(None, f"cannot write it ({' '.join(str(e).split())})", str(path)) from None
 
 
 def render_model_card(config: dict, card: dict) -> str:
@@ -351,6 +363,22 @@ def verify_file(path: Path, expected: str, config_path: Path, verify: str) -> No
                             f"model. Copy the model directory again (or re-create it)")
 
 
+def _load_checked(build, file: Path, expected: str, config_path: Path, verify: str) -> torch.nn.Module:
+    """build() a module on the meta device, compare it with the tensor shapes in the file's header, verify the
+    file's sha256, then read the tensors into it. Nothing is allocated for a file that does not fit, and the file's
+    tensors become the parameters (no second copy)."""
+    with torch.device("meta"):
+        module = build()
+    try:
+        check_state_dict(module, _safetensors_shapes(file), str(file))
+    except StateDictMismatch as e:
+        raise ModelDirError(str(e)) from None
+    verify_file(file, expected, config_path, verify)
+    tensors = {k: v.float() for k, v in _read_tensors(file).items()}
+    module.load_state_dict(tensors, strict=True, assign=True)
+    return module
+
+
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", vae_path: str | None = None,
          verify: str = "cached") -> CoDModel:
     """Load a model directory written by `cod new-model`, `cod import-official` or `cod fit`.
@@ -358,25 +386,16 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", vae_path: 
     Nothing in it is trusted: config.json is validated (cod.model_config); the denoiser is built on the meta device
     and compared with the shapes in the weights file's header before any memory is allocated; the weights' sha256
     must equal the fingerprint in config.json (verify="cached" remembers verified files by identity and ctime in
-    the user's cache folder, so an unchanged XL model is not re-hashed at every load; "always" re-hashes)."""
+    the user's cache folder, so an unchanged XL model is not re-hashed at every load; "always" re-hashes). A latent
+    model's VAE (bundled, vae_path or $COD_VAE_PATH) is loaded, and checked the same way, when first needed."""
     path = Path(path)
     config = read_config(path)
     weights = weights_file(path, WEIGHTS_FILE, "weights file")
-    with torch.device("meta"):
-        denoiser = build_denoiser(config)
-    try:
-        check_state_dict(denoiser, _safetensors_shapes(weights), str(weights))
-    except StateDictMismatch as e:
-        raise ModelDirError(str(e)) from None
-    verify_file(weights, config["fingerprint"], path / "config.json", verify)
-    denoiser = denoiser.to_empty(device="cpu")
-    load_state_strict(denoiser, _read_tensors(weights), str(weights))
-    latent = None
-    lat = config.get("latent") or {}
-    if config["family"] == "latent" and (lat.get("vae_file") or vae_path or os.environ.get("COD_VAE_PATH")):
-        latent = _load_latent(path, config, vae_path, verify)  # otherwise loaded (or its absence explained) on use
-    model = CoDModel(config, denoiser.eval(), latent, path)
+    denoiser = _load_checked(lambda: build_denoiser(config), weights, config["fingerprint"], path / "config.json",
+                             verify)
+    model = CoDModel(config, denoiser.eval(), None, path)
     model.fingerprint = config["fingerprint"]
+    model.vae_path, model.verify = vae_path, verify
     return model.to(device)
 
 
@@ -387,14 +406,8 @@ def _load_latent(path: Path, config: dict, vae_path: str | None, verify: str = "
     vae_file = latent_cfg.get("vae_file")
     if vae_file and vae_path is None:
         file = weights_file(path, vae_file, "VAE weights file")
-        expected = (config.get("checksums") or {}).get(vae_file)
-        if expected:
-            verify_file(file, expected, path / "config.json", verify)
-        vae = AutoencoderKL(VAE_PRESETS[latent_cfg["vae_preset"]])
-        try:
-            load_state_strict(vae, _read_tensors(file), str(file))
-        except StateDictMismatch as e:
-            raise ModelDirError(str(e)) from None
+        vae = _load_checked(lambda: AutoencoderKL(VAE_PRESETS[latent_cfg["vae_preset"]]), file,
+                            config["checksums"][vae_file], path / "config.json", verify).eval()
     else:
         vae = load_vae(resolve_vae_path(vae_path), preset=latent_cfg["vae_preset"])
     return LatentSpace(vae, scale=latent_cfg["scale"])

@@ -474,8 +474,7 @@ def test_yaml_alias_bombs_are_refused(tmp_path, capsys):
 def test_odd_option_values_are_one_line(model, model_dir, tmp_path, capsys):
     data = model.compress([rand_image(32, 32)], steps=1)[0]
     (tmp_path / "x.cod").write_bytes(data)
-    for extra, word in ((["--seed", str(1 << 70)], "seed"), (["--cfg", "inf"], "guidance"),
-                        (["--cfg", "1e300"], "guidance")):
+    for extra, word in ((["--cfg", "inf"], "guidance"), (["--cfg", "1e300"], "guidance")):
         assert main(["decompress", "--model", str(model_dir), str(tmp_path / "x.cod"), "-o",
                      str(tmp_path / "o.png")] + extra) == 1
         one_error(capsys, word)

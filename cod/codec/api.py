@@ -44,15 +44,25 @@ def payload_size(model, height: int, width: int) -> int:
     return packed_size((ph // model.codec.stride) * (pw // model.codec.stride), model.codec.bits)
 
 
-def batches(keys: Sequence[Hashable], batch_size: int) -> list[list[int]]:
+def batch_limit(batch_size: int, padded: tuple[int, int], limits: Limits) -> int:
+    """How many images of a padded size may be coded together: batch_size, but never so many that the batch holds
+    more pixels than one image may have (the limit that bounds memory)."""
+    return max(1, min(batch_size, limits.max_pixels // (padded[0] * padded[1])))
+
+
+def batches(keys: Sequence[Hashable], batch_size: int, padded=None, limits: Limits = Limits()) -> list[list[int]]:
     """Positions grouped by equal key (groups in order of first appearance), each group cut into chunks of at
-    most batch_size."""
+    most batch_size (and at most limits.max_pixels pixels, when padded(key) gives the padded size)."""
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     groups: dict[Hashable, list[int]] = {}
     for i, key in enumerate(keys):
         groups.setdefault(key, []).append(i)
-    return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+    out = []
+    for key, g in groups.items():
+        n = batch_size if padded is None else batch_limit(batch_size, padded(key), limits)
+        out += [g[i:i + n] for i in range(0, len(g), n)]
+    return out
 
 
 def _padded_batch(arrays: list[np.ndarray], model) -> torch.Tensor:
@@ -121,7 +131,7 @@ def compress(model, images, fmt: str = "cod", batch_size: int = 1, sampler: str 
     for i, arr in enumerate(arrays):
         check_compressible(model, *arr.shape[:2], fmt, limits, name=f"image {i}")
     out: list[bytes] = [b""] * len(arrays)
-    for group in batches([padded_size(model, *a.shape[:2]) for a in arrays], batch_size):
+    for group in batches([padded_size(model, *a.shape[:2]) for a in arrays], batch_size, lambda k: k, limits):
         indices = model.encode(_padded_batch([arrays[i] for i in group], model)).cpu().numpy()
         for i, idx in zip(group, indices):
             H, W = arrays[i].shape[:2]
@@ -196,7 +206,8 @@ def decode_groups(model, items: list[tuple[Header, np.ndarray]], batch_size: int
         check_decodable(model, header, options, limits)
     keys = [(padded_size(model, h.height, h.width), tuple(sorted(opts.items())))
             for (h, _), (opts, _) in zip(items, resolved)]
-    return [(group, resolved[group[0]][0], [resolved[i][1] for i in group]) for group in batches(keys, batch_size)]
+    return [(group, resolved[group[0]][0], [resolved[i][1] for i in group])
+            for group in batches(keys, batch_size, lambda k: k[0], limits)]
 
 
 def decode_group(model, items: list[tuple[Header, np.ndarray]], options: dict, seeds: list[int]) -> list[np.ndarray]:

@@ -28,6 +28,16 @@ def positive_int(value: str) -> int:
     return n
 
 
+def non_negative_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if not 0 <= n < 1 << 32:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2^32-1, got '{value}'")
+    return n
+
+
 def positive_float(value: str) -> float:
     try:
         x = float(value)
@@ -64,7 +74,7 @@ def _add_arguments(p, inputs_help: str) -> None:
     p.add_argument("--steps", type=positive_int, help="sampling steps (default: the model's, see `cod info`)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--sampler", choices=CODEC_SAMPLERS, help="sampler (default: the model's)")
-    p.add_argument("--seed", type=int, help="noise seed, 0 to 2^32-1 (default 0)")
+    p.add_argument("--seed", type=non_negative_int, help="noise seed, 0 to 2^32-1 (default 0)")
     p.add_argument("--recursive", "-r", action="store_true", help="take files in subfolders of input folders too")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     add_limit_arguments(p)
@@ -235,7 +245,7 @@ def _cmd_compress(args) -> None:
             continue
         size = api.padded_size(model, *image.shape[:2])
         pending.setdefault(size, []).append((src, dst, image))
-        if len(pending[size]) == args.batch_size:
+        if len(pending[size]) == api.batch_limit(args.batch_size, size, limits):
             flush(size)
     for size in list(pending):
         flush(size)

@@ -29,6 +29,7 @@ from cod.metrics import MS_SSIM_MIN_SIDE, ms_ssim, psnr  # noqa: F401 - MS_SSIM_
 from cod.errors import describe_error, is_out_of_memory
 from cod.files import atomic_write_bytes
 from cod.limits import Limits
+from cod.models.state_dict import check_torch_file
 
 ANCHORS = {"jpeg": ("JPEG", 1, 95), "webp": ("WEBP", 0, 100), "avif": ("AVIF", 0, 100)}
 # Perceptual metrics: the torchvision backbone file torchmetrics loads, and where to get it.
@@ -76,8 +77,9 @@ class PerceptualMetric:
 
     def __init__(self, metric: str, weights: str | os.PathLike):
         weights = Path(weights)
-        if not weights.is_file():
+        if not os.path.lexists(weights):
             raise FileNotFoundError(f"{weights} not found. {weights_hint(metric)}")
+        check_torch_file(weights, f"{metric.upper()} backbone")  # torchvision loads it with torch.load
         with _local_torch_hub(weights, BACKBONES[metric][0]):
             try:
                 if metric == "lpips":

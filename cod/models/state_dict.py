@@ -15,10 +15,10 @@ from cod.errors import InputError
 from cod.files import regular_file_stat
 
 
-def load_torch_file(path, what: str = "checkpoint", safe_globals=()):
-    """torch.load of an untrusted file, without running code (weights_only) and without allocation bombs: the
-    file must be a regular file; in torch's zip format every member must be stored uncompressed (torch.save never
-    compresses), so no member can expand past the file's own size. Every failure is an InputError naming path."""
+def check_torch_file(path, what: str = "checkpoint") -> None:
+    """Refuse, before torch.load reads it, a file that could expand in memory: it must be a regular file, and in
+    torch's zip format every member must be stored uncompressed (torch.save never compresses), so that no member
+    can expand past the file's own size."""
     size = regular_file_stat(path, f"{what} file").st_size
     if zipfile.is_zipfile(path):
         try:
@@ -29,6 +29,12 @@ def load_torch_file(path, what: str = "checkpoint", safe_globals=()):
         if bad:
             raise InputError(f"{path} is not a torch {what} as torch.save writes it: member {bad[0]} is compressed "
                              f"or larger than the file (a decompression bomb?)")
+
+
+def load_torch_file(path, what: str = "checkpoint", safe_globals=()):
+    """torch.load of an untrusted file, without running code (weights_only) and without allocation bombs
+    (check_torch_file). Every failure is an InputError naming path."""
+    check_torch_file(path, what)
     try:
         with torch.serialization.safe_globals(list(safe_globals)):
             return torch.load(path, map_location="cpu", weights_only=True)

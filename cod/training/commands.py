@@ -20,11 +20,16 @@ from cod.model_config import MAX_CONFIG_BYTES
 
 
 MAX_EXTENDS_DEPTH = 16
+MAX_CONFIG_FILES = 64
 
 
-def _expand(path: Path, seen: tuple = ()) -> list[str]:
+def _expand(path: Path, seen: tuple = (), budget: list | None = None) -> list[str]:
     """A config file and the files it `extends`, base first, each as YAML text with its relative paths resolved
     (LightningCLI's --config takes YAML text as well as paths, so no temporary file is involved)."""
+    budget = [MAX_CONFIG_FILES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ValueError(f"config {path}: `extends` brings in more than {MAX_CONFIG_FILES} files")
     if path.resolve() in seen:
         raise ValueError(f"config {path} extends itself (cycle: {' -> '.join(map(str, seen))})")
     if len(seen) > MAX_EXTENDS_DEPTH:
@@ -38,7 +43,7 @@ def _expand(path: Path, seen: tuple = ()) -> list[str]:
         raise ValueError(f"{path}: `extends` must be a file name or a list of file names")
     chain: list[str] = []
     for parent in parents:
-        chain += _expand((path.parent / parent), seen + (path.resolve(),))
+        chain += _expand((path.parent / parent), seen + (path.resolve(),), budget)
     return chain + [yaml.safe_dump(_resolve_paths(data, path.parent))]
 
 

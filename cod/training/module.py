@@ -25,6 +25,7 @@ from cod.images import as_rgb8
 from cod.metrics import ms_ssim
 from cod.model import CoDModel, build_config, build_denoiser, load, load_state_strict
 from cod.models.presets import get_preset
+from cod.models.state_dict import load_torch_file, tensor_state
 from cod.training.codebook import CodebookRestarts
 from cod.training.repa import build_repa_teacher
 
@@ -122,13 +123,15 @@ class CoDTrainingModule(L.LightningModule):
 
     def _init_from(self, source: str) -> None:
         """Stage chaining: start from a model directory's (EMA) weights or a Lightning checkpoint's EMA."""
+        if not isinstance(source, str):
+            raise ValueError(f"model.init_from must be a model directory or a checkpoint file, got {source!r}")
         path = Path(source)
         if path.is_dir():
             state = load(path).denoiser.state_dict()
-        elif path.is_file():
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            sd = ckpt.get("state_dict", ckpt)
-            state = {k[len("ema.module."):]: v for k, v in sd.items() if k.startswith("ema.module.")}
+        elif os.path.lexists(path):
+            ckpt = load_torch_file(path, "checkpoint")
+            sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
+            state = tensor_state(sd, f"init_from {source}", "ema.module.")
         else:
             raise FileNotFoundError(f"init_from: {source} is neither a model directory nor a checkpoint file")
         # up2x off -> on (stage 1 -> 2) adds the decoder's `ada` upsampler: the one place keys may be missing.

@@ -45,7 +45,11 @@ class DinoTeacher(nn.Module):
                     f"or train without alignment with `repa: null`")
             from timm.models.vision_transformer import checkpoint_filter_fn
 
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            from cod.models.state_dict import load_torch_file
+
+            state = load_torch_file(path, "DINOv2 checkpoint")
+            if not isinstance(state, dict):
+                raise ValueError(f"{path} does not hold a dict of tensors")
             state = checkpoint_filter_fn(state.get("model", state), self.net)
             missing, unexpected = self.net.load_state_dict(state, strict=False)
             if missing or unexpected:
