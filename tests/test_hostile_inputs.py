@@ -490,3 +490,128 @@ def test_no_home_directory_only_disables_the_cache(model_dir, tmp_path, monkeypa
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
     assert cod.load(model_dir).fingerprint
+
+
+# ---- found by an adversarial review (docs/robustness.md) -------------------------------------------------------
+def test_codebook_search_in_runs_equals_one_search(monkeypatch):
+    import torch
+
+    import cod.models.vq as vq
+
+    q = vq.VectorQuantizer(1 << 12, 16)
+    z = torch.randn(2, 16, 9, 7)
+    whole = q.nearest(z)
+    monkeypatch.setattr(vq, "DISTANCE_BUDGET_BYTES", 4 * (1 << 12) * 5)  # runs of 5 rows
+    assert torch.equal(q.nearest(z), whole)
+
+
+def test_a_compressed_checkpoint_is_refused_before_loading(tmp_path, capsys):
+    import zipfile
+
+    import torch
+
+    plain = tmp_path / "plain.pt"
+    torch.save({"ema_denoiser.w": torch.zeros(4)}, plain)
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    assert main(["import-official", "--ckpt", str(bomb), "--preset", "tiny-pixel", "--out", str(tmp_path / "m")]) == 1
+    one_error(capsys, str(bomb), "compressed")
+    torch.save({"ema_denoiser.w": "not a tensor", 1: torch.zeros(1)}, tmp_path / "odd.pt")
+    assert main(["import-official", "--ckpt", str(tmp_path / "odd.pt"), "--preset", "tiny-pixel",
+                 "--out", str(tmp_path / "m")]) == 1
+    one_error(capsys, "not a floating-point tensor")
+    assert not (tmp_path / "m").exists()
+
+
+def test_import_official_validates_the_release_config_before_building(tmp_path, capsys):
+    import torch
+
+    torch.save({"ema_denoiser.w": torch.zeros(4)}, tmp_path / "x.pt")
+    for init_args in ("{num_groups: 0}", "{hidden_size: abc}", "5", "{hidden_size: 65536, num_blocks: 64}"):
+        (tmp_path / "c.yaml").write_text(f"model:\n  denoiser:\n    class_path: x.PixNerDiT\n    init_args: "
+                                         f"{init_args}\n")
+        assert main(["import-official", "--ckpt", str(tmp_path / "x.pt"), "--config", str(tmp_path / "c.yaml"),
+                     "--out", str(tmp_path / "m")]) == 1, init_args
+        one_error(capsys, "c.yaml")
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "ICNS", "EPS", "TGA"])
+def test_image_formats_outside_the_list_are_refused(tmp_path, capsys, fmt, model_dir):
+    path = tmp_path / "x.png"  # the suffix does not decide: the content does
+    image = Image.fromarray(rand_image(32, 32))
+    try:
+        image.save(path, format=fmt)
+    except (OSError, KeyError, ValueError):
+        pytest.skip(f"Pillow cannot write {fmt} here")
+    assert main(["compress", "--model", str(model_dir), str(path), "-o", str(tmp_path / "o")]) == 1
+    one_error(capsys, str(path), "cannot read image")
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused(tmp_path, capsys, model_dir):
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(rand_image(64, 64)).save(buf, format="JPEG", progressive=True)
+    data = buf.getvalue()
+    sos = data.index(b"\xff\xda")
+    bomb = data[:sos] + data[sos:-2] * 300 + b"\xff\xd9"  # the scans repeated: every one decodes the image again
+    (tmp_path / "bomb.jpg").write_bytes(bomb)
+    assert main(["compress", "--model", str(model_dir), str(tmp_path / "bomb.jpg"), "-o", str(tmp_path / "o")]) == 1
+    one_error(capsys, "bomb.jpg", "scans")
+
+
+def test_training_images_that_would_resize_past_the_bound_are_skipped():
+    import random
+
+    from cod.training.data import crop_or_skip
+
+    strip = np.zeros((1, 16384, 3), np.uint8)
+    assert crop_or_skip(strip, 256, True, random.Random(0), "strip.png") is None
+    assert crop_or_skip(np.zeros((300, 400, 3), np.uint8), 256, True, random.Random(0), "ok.png").shape == (3, 256, 256)
+
+
+def test_extends_fan_out_is_bounded(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("model: {preset: tiny-pixel}\n")
+    (tmp_path / "b.yaml").write_text("extends: [" + ", ".join(["c.yaml"] * 40) + "]\n")
+    (tmp_path / "a.yaml").write_text("extends: [" + ", ".join(["b.yaml"] * 40) + "]\n")
+    assert main(["fit", "--config", str(tmp_path / "a.yaml")]) == 1
+    one_error(capsys, "more than 64 files")
+
+
+def test_overwrite_replaces_only_cods_own_outputs(tmp_path, capsys):
+    precious = tmp_path / "precious"
+    (precious / "sub").mkdir(parents=True)
+    (precious / "sub" / "thesis.txt").write_text("years of work")
+    for argv in (["new-model", "--preset", "tiny-pixel", "--out", str(precious), "--overwrite"],
+                 ["demo", "--out", str(precious), "--overwrite"]):
+        assert main(argv) == 1
+        one_error(capsys, str(precious), "only its own outputs")
+    assert (precious / "sub" / "thesis.txt").read_text() == "years of work"
+
+
+def test_a_fifo_in_the_cache_is_ignored(model_dir, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.mkfifo(cache / "sha256.json")
+    env = {**os.environ, "COD_CACHE_DIR": str(cache)}
+    out = subprocess.run([sys.executable, "-c", f"import cod; print(cod.load({str(model_dir)!r}).fingerprint)"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0 and len(out.stdout.strip()) == 64, out.stderr
+
+
+def test_a_bundled_vae_without_its_checksum_is_refused(tmp_path, capsys):
+    lat = tmp_path / "lat"
+    cod.new_model("tiny-latent", lat)
+    config = json.loads((lat / "config.json").read_text())
+    config.pop("checksums")
+    (lat / "config.json").write_text(json.dumps(config))
+    assert main(["info", str(lat)]) == 1
+    one_error(capsys, "no sha256 of the bundled VAE")
+
+
+def test_batches_stay_within_the_pixel_limit():
+    assert api.batch_limit(64, (2048, 2048), Limits()) == 4
+    assert api.batch_limit(64, (4096, 4096), Limits()) == 1
+    assert api.batch_limit(3, (64, 64), Limits()) == 3
