@@ -41,9 +41,9 @@ class Parser(argparse.ArgumentParser):
 
 def _cmd_new_model(args) -> None:
     from cod.files import check_output_dir
-    from cod.model import new_model
+    from cod.model import is_model_dir, new_model
 
-    check_output_dir(args.out, overwrite=args.overwrite, marker="config.json")
+    check_output_dir(args.out, overwrite=args.overwrite, own=is_model_dir)
     model = new_model(args.preset, args.out, seed=args.seed, ds=args.ds, bits=args.bits, up2x=args.up2x,
                       overwrite=args.overwrite)
     _say(args, f"wrote {args.out}: {args.preset}, {model.bpp:.6g} bpp, sides multiple of {model.size_multiple}")
@@ -52,10 +52,11 @@ def _cmd_new_model(args) -> None:
 def _cmd_import_official(args) -> None:
     from cod.compat.official_checkpoint import import_official
     from cod.files import check_output_dir
+    from cod.model import is_model_dir
 
     check_output_dir(args.out, [args.ckpt] + ([args.config] if args.config else []) + ([args.vae] if args.vae
                                                                                      else []), args.overwrite,
-                     marker="config.json")
+                     own=is_model_dir)
     model = import_official(args.ckpt, args.out, config=args.config, preset=args.preset, weights=args.weights,
                             vae=args.vae, overwrite=args.overwrite)
     _say(args, f"wrote {args.out}: {model.config['denoiser']['class']}, {model.bpp:.6g} bpp, "
@@ -72,11 +73,11 @@ def _cmd_info(args) -> None:
 
 def _cmd_export(args) -> None:
     from cod.codec.commands import load_model
-    from cod.export import check_exportable, export
+    from cod.export import check_exportable, export, is_export_dir
     from cod.files import check_output_dir
 
     check_exportable(args.format)
-    check_output_dir(args.out, [args.model], args.overwrite, marker="manifest.json")
+    check_output_dir(args.out, [args.model], args.overwrite, own=is_export_dir)
     args.device = "cpu"
     manifest = export(load_model(args), args.out, fmt=args.format, height=args.height, width=args.width,
                       batch=args.batch, overwrite=args.overwrite)

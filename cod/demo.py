@@ -57,14 +57,27 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+def is_demo_dir(path: Path) -> bool:
+    """An earlier demo's folder (what --overwrite may replace): its report.json and nothing the demo does not
+    write."""
+    from cod.files import read_bytes_bounded
+
+    try:
+        report = json.loads(read_bytes_bounded(path / "report.json", 1 << 20, "demo report"))
+    except (ValueError, RecursionError):
+        return False
+    names = {"report.json", "demo.png", "model"} | {f"{Path(n).stem}.cod" for n in HELD_OUT}
+    return isinstance(report, dict) and "held_out" in report and {p.name for p in path.iterdir()} <= names
+
+
 def run_demo(out: Path, overwrite: bool = False, train_steps: int | None = None, seed: int = 0,
              quiet: bool = False) -> dict:
     from cod.files import atomic_directory, atomic_write_bytes, check_output_dir, copy_files
 
     say = (lambda *a, **k: None) if quiet else (lambda *a, **k: print(*a, **k, flush=True))
-    check_output_dir(out, overwrite=overwrite, marker="report.json")
+    check_output_dir(out, overwrite=overwrite, own=is_demo_dir)
     t0 = time.perf_counter()
-    with one_thread(), atomic_directory(out, overwrite, marker="report.json") as tmp:
+    with one_thread(), atomic_directory(out, overwrite, own=is_demo_dir) as tmp:
         if train_steps:
             model_dir = train_small_model(tmp / "model", train_steps, seed, say, progress=not quiet)
             source = f"a tiny-pixel CoD trained here for {train_steps} steps"

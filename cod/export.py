@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from cod.errors import CodError, LimitError
-from cod.files import atomic_directory, atomic_write_bytes
+from cod.files import atomic_directory, atomic_write_bytes, read_bytes_bounded
 from cod.limits import DEFAULT_MAX_PIXELS
 from cod.model import CoDModel
 
@@ -76,6 +76,16 @@ def _example_inputs(model: CoDModel, height: int, width: int, batch: int) -> dic
             "step": (x, torch.full((2 * batch,), 0.5), torch.cat([cond, cond]))}
 
 
+def is_export_dir(path: Path) -> bool:
+    """An earlier export (what --overwrite may replace): cod's manifest.json and the graph files it lists."""
+    try:
+        manifest = json.loads(read_bytes_bounded(path / "manifest.json", 1 << 20, "manifest"))
+        files = {g["file"] for g in manifest["graphs"].values()}
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return False
+    return manifest.get("format") in FORMATS and {p.name for p in path.iterdir()} <= files | {"manifest.json"}
+
+
 def export(model: CoDModel, out_dir: str | Path, fmt: str = "onnx", height: int = 512, width: int = 512,
            batch: int = 1, overwrite: bool = False) -> dict:
     """Write the graphs and manifest.json into out_dir, as a whole (assembled beside it, renamed into place)."""
@@ -85,7 +95,7 @@ def export(model: CoDModel, out_dir: str | Path, fmt: str = "onnx", height: int 
                          f"over the {DEFAULT_MAX_PIXELS / 1e6:.1f} an export traces; graphs are traced at one size, "
                          f"so export at the size you serve, up to 4096x4096")
     model.check_size(height, width)
-    with atomic_directory(Path(out_dir), overwrite, marker="manifest.json") as out:
+    with atomic_directory(Path(out_dir), overwrite, own=is_export_dir) as out:
         return _export(model.to("cpu").eval(), out, fmt, height, width, batch)
 
 

@@ -21,7 +21,7 @@ import shutil
 import stat
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from cod.errors import InputError, LimitError, OutputExistsError
@@ -197,7 +197,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = F
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".partial", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -230,9 +230,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = F
 
 
 def check_outputs(targets: Iterable[str | os.PathLike], inputs: Iterable[str | os.PathLike] = (),
-                  overwrite: bool = False) -> None:
+                  overwrite: bool = False, own: OwnOutput | None = None) -> None:
     """Refuse, before any work, outputs that are one of the inputs (always), that are directories (always), or
-    that exist (unless overwrite). One error names the first few offenders."""
+    that exist (unless overwrite; and with overwrite, unless `own` recognises them as files cod wrote). One error
+    names the first few offenders."""
     targets = [Path(t) for t in targets]
     input_ids = set()
     for p in inputs:
@@ -266,28 +267,31 @@ def check_outputs(targets: Iterable[str | os.PathLike], inputs: Iterable[str | o
         noun = "exists" if len(existing) == 1 else f"({len(existing)} files) exist"
         raise OutputExistsError(f"output {shown(existing)} {noun} already: pass --overwrite to replace, or choose "
                                 f"another output (-o)")
+    foreign = [t for t in existing if own is None or not own(t)]
+    if foreign:
+        raise OutputExistsError(f"output {shown(foreign)} exists and was not written by cod: cod replaces only its "
+                                f"own outputs, even with --overwrite; choose another output (-o)")
 
 
-def _is_own_output(path: Path, marker: str | None) -> bool:
-    """An existing directory that cod may replace: empty, or holding the marker file its kind of output has
-    (config.json of a model directory, manifest.json of an export, report.json of a demo)."""
+OwnOutput = Callable[[Path], bool]  # recognises an earlier output of one kind by its content
+
+
+def _resolve(path: Path) -> Path:
     try:
-        entries = list(os.scandir(path))
-    except OSError:
-        return False
-    return not entries or (marker is not None and any(e.name == marker for e in entries))
+        return path.resolve()
+    except (RuntimeError, OSError):  # a symbolic-link loop
+        raise InputError(f"{path}: a loop of symbolic links") from None
 
 
 def check_output_dir(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (),
-                     overwrite: bool = False, marker: str | None = None) -> None:
+                     overwrite: bool = False, own: OwnOutput | None = None) -> None:
     """Refuse, before any work, an output directory that exists (unless overwrite), that is a file, that is or
-    holds one of the inputs (always), or that is not an earlier output of the same kind (always: --overwrite
-    replaces cod's own outputs, never a folder of the user's files). `marker` names the file that every output
-    of this kind holds."""
+    holds one of the inputs (always), or that is neither empty nor recognised by `own` as an earlier output of
+    the same kind (always: --overwrite replaces cod's own outputs, never a folder of the user's files)."""
     path = Path(os.path.abspath(path))
-    resolved = path.resolve()
+    resolved = _resolve(path)
     for p in inputs:
-        p = Path(p).resolve()
+        p = _resolve(Path(p))
         if p == resolved or resolved in p.parents:
             raise OutputExistsError(f"output {path} holds an input of this command ({p}); cod never writes over "
                                     f"its inputs: choose another output")
@@ -298,10 +302,14 @@ def check_output_dir(path: str | os.PathLike, inputs: Iterable[str | os.PathLike
     if not overwrite:
         raise OutputExistsError(f"output {path} exists already: pass --overwrite to replace it (as a whole), or "
                                 f"choose another output")
-    if not _is_own_output(path, marker):
-        raise OutputExistsError(f"output {path} exists and is not an earlier cod output of this kind (no {marker} "
-                                f"in it): cod replaces only its own outputs, even with --overwrite; remove it "
-                                f"yourself or choose another output")
+    try:
+        empty = not any(os.scandir(path))
+    except OSError:
+        empty = False
+    if not empty and not (own is not None and own(path)):
+        raise OutputExistsError(f"output {path} exists and is not an earlier cod output of this kind: cod replaces "
+                                f"only its own outputs, even with --overwrite; remove it yourself or choose another "
+                                f"output")
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -320,17 +328,17 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, overwrite: bool = False, marker: str | None = None) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, overwrite: bool = False, own: OwnOutput | None = None) -> Iterator[Path]:
     """Yield an empty temporary folder beside `path`; when the block ends without an error, it becomes `path` as
     a whole. An existing `path` is refused unless overwrite, and then only if it is an earlier output of the same
     kind (check_output_dir); it is swapped with the new one in one atomic step where the system allows (Linux),
     else renamed aside first. On any error, or if the process is killed, `path` is untouched; a killed process
     leaves only a hidden `.NAME.partial-*` folder beside it."""
     path = Path(os.path.abspath(path))
-    check_output_dir(path, overwrite=overwrite, marker=marker)
+    check_output_dir(path, overwrite=overwrite, own=own)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name[:200]}.partial-", dir=path.parent))
     except OSError as e:
         raise OSError(e.errno, f"cannot create it: {e.strerror or e}", str(path)) from None
     try:
@@ -340,11 +348,11 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False, marker: s
             os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~mask)
         os.chmod(tmp, 0o777 & ~mask)
         if os.path.lexists(path):
-            check_output_dir(path, overwrite=overwrite, marker=marker)  # created or changed while we wrote
+            check_output_dir(path, overwrite=overwrite, own=own)  # created or changed while we wrote
             if _exchange(tmp, path):
                 shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old directory
             else:
-                old = path.with_name(f".{path.name}.old-{secrets.token_hex(4)}")
+                old = path.with_name(f".{path.name[:200]}.old-{secrets.token_hex(4)}")
                 os.rename(path, old)
                 os.rename(tmp, path)
                 shutil.rmtree(old, ignore_errors=True)

@@ -149,10 +149,26 @@ def _glob(pattern: str) -> list[Path]:
     return found
 
 
+PNG_SOFTWARE = "cod"  # the tEXt Software value of PNGs cod writes: how --overwrite recognises its own outputs
+
+
 def png_bytes(array: np.ndarray) -> bytes:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Software", PNG_SOFTWARE)
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
+    Image.fromarray(array).save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
+
+
+def is_cod_png(path: Path) -> bool:
+    """A PNG that cod wrote (its text chunk says so): the only PNGs --overwrite replaces."""
+    try:
+        with Image.open(path, formats=["PNG"]) as img:
+            return img.info.get("Software") == PNG_SOFTWARE
+    except Exception:  # noqa: BLE001 - anything that is not a readable PNG is not ours
+        return False
 
 
 def write_png(path: str | os.PathLike, array: np.ndarray, overwrite: bool = False) -> None:

@@ -227,7 +227,7 @@ class CoDModel(torch.nn.Module):
         out = Path(out_dir)
         config = {k: v for k, v in self.config.items() if k not in ("fingerprint", "checksums")}
         checksums = {}
-        with atomic_directory(out, overwrite, marker="config.json") as tmp:
+        with atomic_directory(out, overwrite, own=is_model_dir) as tmp:
             weights = {k: v.detach().to("cpu", weights_dtype).contiguous() for k, v in
                        self.denoiser.state_dict().items()}
             _save_tensors(weights, tmp / WEIGHTS_FILE)
@@ -256,6 +256,23 @@ class CoDModel(torch.nn.Module):
             self.denoiser.load_state_dict(weights)
         self.config, self.fingerprint, self.path = config, fingerprint, out
         return out
+
+
+def is_model_dir(path: Path) -> bool:
+    """An earlier model directory (what --overwrite may replace): a config.json that parses as a cod model config,
+    and no file but the ones a model directory holds."""
+    try:
+        config = parse_config_bytes(read_bytes_bounded(path / "config.json", MAX_CONFIG_BYTES, "model config"),
+                                    str(path))
+    except ValueError:
+        return False
+    if config.get("format") != CONFIG_FORMAT:
+        return False
+    names = {"config.json", WEIGHTS_FILE, OBJECTIVE_FILE, "MODEL_CARD.md"}
+    vae_file = (config.get("latent") or {}).get("vae_file") if isinstance(config.get("latent"), dict) else None
+    if isinstance(vae_file, str):
+        names.add(vae_file)
+    return {p.name for p in path.iterdir()} <= names
 
 
 def _save_tensors(tensors: dict, path: Path) -> None:

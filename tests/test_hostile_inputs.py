@@ -202,11 +202,16 @@ def test_decompressing_next_to_the_originals_never_replaces_them(model_dir, tmp_
     assert main(["decompress", "--model", str(model_dir), str(photos), "-o", str(photos)]) == 1
     one_error(capsys, "exist", "--overwrite")
     assert {p.name: p.read_bytes() for p in photos.glob("*.png")} == {f"{k}.png": v for k, v in originals.items()}
-    # asking to overwrite is an explicit choice ...
-    assert main(["-q", "decompress", "--model", str(model_dir), str(photos / "a.cod"), "-o", str(photos / "a.png"),
-                 "--overwrite"]) == 0
-    assert (photos / "a.png").read_bytes() != originals["a"]
-    # ... but an input is never an output, whatever the options
+    # --overwrite replaces only files cod wrote: not the photos ...
+    assert main(["decompress", "--model", str(model_dir), str(photos / "a.cod"), "-o", str(photos / "a.png"),
+                 "--overwrite"]) == 1
+    one_error(capsys, "was not written by cod")
+    assert (photos / "a.png").read_bytes() == originals["a"]
+    # ... but its own earlier outputs, yes
+    for _ in range(2):
+        assert main(["-q", "decompress", "--model", str(model_dir), str(photos / "a.cod"), "-o",
+                     str(tmp_path / "a.png"), "--overwrite"]) == 0
+    # and an input is never an output, whatever the options
     assert main(["compress", "--model", str(model_dir), str(photos / "b.png"), "-o", str(photos / "b.png"),
                  "--overwrite"]) == 1
     one_error(capsys, "input")
@@ -580,15 +585,25 @@ def test_extends_fan_out_is_bounded(tmp_path, capsys):
     one_error(capsys, "more than 64 files")
 
 
-def test_overwrite_replaces_only_cods_own_outputs(tmp_path, capsys):
+def test_overwrite_replaces_only_cods_own_outputs(model_dir, tmp_path, capsys):
     precious = tmp_path / "precious"
     (precious / "sub").mkdir(parents=True)
     (precious / "sub" / "thesis.txt").write_text("years of work")
+    # a file named like cod's marker is not enough: the content and the folder's other files are looked at
+    (precious / "config.json").write_text("{}")
+    (precious / "manifest.json").write_text('{"format": "onnx", "graphs": {}}')
+    (precious / "report.json").write_text('{"held_out": []}')
     for argv in (["new-model", "--preset", "tiny-pixel", "--out", str(precious), "--overwrite"],
+                 ["export", "--model", str(model_dir), "--out", str(precious), "--overwrite", "--format",
+                  "torchscript", "--height", "32", "--width", "32"],
                  ["demo", "--out", str(precious), "--overwrite"]):
         assert main(argv) == 1
         one_error(capsys, str(precious), "only its own outputs")
     assert (precious / "sub" / "thesis.txt").read_text() == "years of work"
+    mine = tmp_path / "mine"
+    for seed in ("1", "2"):  # an earlier model directory is replaced as a whole
+        assert main(["-q", "new-model", "--preset", "tiny-pixel", "--seed", seed, "--out", str(mine),
+                     "--overwrite"]) == 0
 
 
 def test_a_fifo_in_the_cache_is_ignored(model_dir, tmp_path):

@@ -34,6 +34,19 @@ CODEC_SAMPLERS = DETERMINISTIC_SAMPLERS
 MAX_FILE_BYTES = 64 * MiB
 
 
+def is_cod_file(path) -> bool:
+    """A file --overwrite may replace with a new .cod file: a regular file named .cod, no larger than any .cod
+    file (official-format files carry no signature, so the name and size are what can be checked)."""
+    import os
+    import stat as stat_module
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return str(path).lower().endswith(".cod") and stat_module.S_ISREG(st.st_mode) and st.st_size <= MAX_FILE_BYTES
+
+
 def padded_size(model, height: int, width: int) -> tuple[int, int]:
     m = model.size_multiple
     return math.ceil(height / m) * m, math.ceil(width / m) * m

@@ -204,7 +204,7 @@ def _cmd_compress(args) -> None:
 
     inputs = collect_inputs(args.inputs, IMAGE_SUFFIXES, args.recursive)
     targets = _targets(inputs, args.out, ".cod")
-    check_outputs(targets, inputs, args.overwrite)
+    check_outputs(targets, inputs, args.overwrite, own=api.is_cod_file)
     limits = limits_from(args)
     model = load_model(args)
     api.stored_params(model, args.format, **_sampling(args))  # bad sampling options fail before any reading
@@ -257,11 +257,11 @@ def _cmd_compress(args) -> None:
 def _cmd_decompress(args) -> None:
     from cod.codec import api
     from cod.files import check_outputs, read_bytes_bounded
-    from cod.images import write_png
+    from cod.images import is_cod_png, write_png
 
     inputs = collect_inputs(args.inputs, {".cod"}, args.recursive)
     targets = _targets(inputs, args.out, ".png")
-    check_outputs(targets, inputs, args.overwrite)
+    check_outputs(targets, inputs, args.overwrite, own=is_cod_png)
     limits = limits_from(args)
     model = load_model(args)
     failures: list[str] = []
@@ -315,7 +315,7 @@ def _cmd_evaluate(args) -> None:
     out_dir = Path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out-dir {out_dir}: exists and is not a folder")
-    check_outputs([out_dir / name for name in REPORT_FILES], inputs, args.overwrite)
+    check_outputs([out_dir / name for name in REPORT_FILES], inputs, args.overwrite, own=lambda path: True)
     model = load_model(args)
     weights = {"lpips": args.lpips_weights, "dists": args.dists_weights}
     sampling = _sampling(args)

@@ -6,7 +6,6 @@ The release copies the keys it finds and silently keeps initial values for the r
 from __future__ import annotations
 
 import pickle
-import zipfile
 
 import torch
 import torch.nn as nn
@@ -16,19 +15,22 @@ from cod.files import regular_file_stat
 
 
 def check_torch_file(path, what: str = "checkpoint") -> None:
-    """Refuse, before torch.load reads it, a file that could expand in memory: it must be a regular file, and in
-    torch's zip format every member must be stored uncompressed (torch.save never compresses), so that no member
-    can expand past the file's own size."""
+    """Refuse, before torch.load reads it, a file that could expand in memory: it must be a regular file, and a
+    file in torch's zip format (torch.load's own test: it starts with a zip local header) must not hold records
+    whose sizes add up to more than the file, as torch's own zip reader sees them (a compressed record is a
+    decompression bomb; torch.save never compresses). The older pickle format stores its data inline."""
     size = regular_file_stat(path, f"{what} file").st_size
-    if zipfile.is_zipfile(path):
-        try:
-            with zipfile.ZipFile(path) as z:
-                bad = [i.filename for i in z.infolist() if i.compress_type != zipfile.ZIP_STORED or i.file_size > size]
-        except (zipfile.BadZipFile, OSError, ValueError) as e:
-            raise InputError(f"{path} is not a readable torch {what} ({e})") from None
-        if bad:
-            raise InputError(f"{path} is not a torch {what} as torch.save writes it: member {bad[0]} is compressed "
-                             f"or larger than the file (a decompression bomb?)")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return
+    try:
+        reader = torch._C.PyTorchFileReader(str(path))
+        total = sum(reader.get_record_size(name) for name in reader.get_all_records())
+    except Exception as e:  # noqa: BLE001 - torch's reader raises RuntimeError for any damaged archive
+        raise InputError(f"{path} is not a readable torch {what} ({' '.join(str(e).split())[:200]})") from None
+    if total > size:
+        raise InputError(f"{path} is not a torch {what} as torch.save writes it: its records hold {total} bytes "
+                         f"in a {size}-byte file (compressed: a decompression bomb?)")
 
 
 def load_torch_file(path, what: str = "checkpoint", safe_globals=()):
@@ -61,6 +63,10 @@ def tensor_state(state, source: str, prefix: str = "") -> dict[str, torch.Tensor
         if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point or value.is_complex():
             kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
             raise InputError(f"{source}: entry {key!r} is {kind}, not a floating-point tensor")
+        if value.numel() and value.numel() * value.element_size() > value.untyped_storage().nbytes():
+            # an expanded (stride-0) or overlapping view: a few stored bytes that become gigabytes when copied
+            raise InputError(f"{source}: entry {key!r} views {value.numel()} values stored in "
+                             f"{value.untyped_storage().nbytes()} bytes (not a plain tensor)")
         out[key[len(prefix):]] = value
     return out
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 # the SD VAE pads right/bottom only before its stride-2 conv, exactly like the condition encoder
 from cod.models.condition_codec import Downsample
 from cod.files import read_bytes_bounded, regular_file_stat
-from cod.models.state_dict import check_state_dict
+from cod.models.state_dict import check_state_dict, load_torch_file, tensor_state
 
 # Two scales exist because of a quirk of the release (spec §7.1, QUIRK 14): the official CoD latent
 # checkpoints were trained on VAE latents multiplied by the SD scaling factor *squared*, so they only work
@@ -372,18 +371,10 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as e:  # noqa: BLE001 - safetensors raises its own types for malformed files
             raise ValueError(f"{path} is not a valid safetensors file ({' '.join(str(e).split())})") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} holds more than tensors and is not unpickled for safety; "
-                         f"convert it to .safetensors ({' '.join(str(e).split())[:300]})") from None
-    except Exception as e:  # noqa: BLE001 - torch.load raises many types for damaged or foreign files
-        raise ValueError(f"{path} is not a readable torch checkpoint ({' '.join(str(e).split())[:300]})") from None
+    state = load_torch_file(path, "VAE checkpoint")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a (Lightning/LDM) training checkpoint
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict (found {type(state).__name__})")
-    return state
+    return tensor_state(state, str(path))
 
 
 def load_vae(path: str | os.PathLike | None, preset: str = "sd-vae") -> AutoencoderKL:
@@ -408,8 +399,11 @@ def load_vae(path: str | os.PathLike | None, preset: str = "sd-vae") -> Autoenco
             raise FileNotFoundError(f"{path} holds no diffusion_pytorch_model.safetensors: {DOWNLOAD_HINT}")
     else:
         weights = path
-    vae = AutoencoderKL(config)
+    # the weights first (their size is the file's), then the network on the meta device, compared with them before
+    # any of its memory exists: a config.json describing a huge VAE costs nothing
     state = convert_state_dict(_read_weights(weights), len(config.block_out_channels))
+    with torch.device("meta"):
+        vae = AutoencoderKL(config)
     check_state_dict(vae, state, f"VAE weights {weights}")
-    vae.load_state_dict(state, strict=True)
+    vae.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
     return vae.eval()

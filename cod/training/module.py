@@ -23,7 +23,7 @@ from cod.files import check_output_dir
 from cod.model_config import validate_config
 from cod.images import as_rgb8
 from cod.metrics import ms_ssim
-from cod.model import CoDModel, build_config, build_denoiser, load, load_state_strict
+from cod.model import CoDModel, build_config, build_denoiser, is_model_dir, load, load_state_strict
 from cod.models.presets import get_preset
 from cod.models.state_dict import load_torch_file, tensor_state
 from cod.training.codebook import CodebookRestarts
@@ -200,7 +200,7 @@ class CoDTrainingModule(L.LightningModule):
             sources = [getattr(getattr(data, "hparams", None), k, None) for k in ("train", "val")]
             local = [s for s in sources if isinstance(s, str) and os.path.exists(s)]
             try:
-                check_output_dir(export_dir, local, overwrite=True, marker="config.json")
+                check_output_dir(export_dir, local, overwrite=True, own=is_model_dir)
             except OutputExistsError as e:
                 raise OutputExistsError(f"model.export_dir: {e}") from None
         size = getattr(getattr(data, "hparams", None), "size", None)
