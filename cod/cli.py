@@ -21,8 +21,6 @@ EXIT_INTERRUPTED = 130
 LIGHTNING_COMMANDS = {
     "fit": "train a CoD from a YAML config (LightningCLI; see `cod fit --help` and conf/)",
     "validate": "run validation of a config/checkpoint (LightningCLI)",
-    "test": "run the test loop of a config/checkpoint (LightningCLI)",
-    "predict": "run prediction of a config/checkpoint (LightningCLI)",
 }
 
 
@@ -113,7 +111,7 @@ def _bool(value: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     from cod import __version__
-    from cod.codec.commands import positive_int
+    from cod.codec.commands import non_negative_int, positive_int
 
     parser = Parser(prog="cod", description="CoD: compression-oriented diffusion image codec",
                     epilog="exit status: 0 ok, 1 refused input or failure (one `cod: error:` line), 2 bad command "
@@ -125,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("new-model", help="write a randomly initialised model directory of a preset")
     p.add_argument("--preset", required=True, help="preset name (see `cod presets`)")
     p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--ds", type=positive_int, help="nominal downsampling of the index grid (4/8/16/32/128)")
     p.add_argument("--bits", type=positive_int, help="bits per index (codebook of 2^bits entries)")
     p.add_argument("--up2x", type=_bool, help="true: index stride = ds; false: ds/2")
@@ -190,7 +188,7 @@ def run(func, *args) -> int:
         print("cod: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - the one place where every failure becomes one line
-        if os.environ.get("COD_DEBUG"):
+        if os.environ.get("COD_DEBUG", "") not in ("", "0"):
             raise
         if isinstance(e, (CLIError, ValueError, OSError)) or is_out_of_memory(e):
             print(f"cod: error: {describe_error(e)}", file=sys.stderr)

@@ -186,19 +186,37 @@ def train_small_model(out: Path, steps: int, seed: int, say, progress: bool = Tr
                         enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0, enable_progress_bar=progress, deterministic=False)
     start = time.perf_counter()
-    trainer.fit(module, loader)
+    from cod.training.commands import quiet_third_party
+
+    with quiet_third_party():
+        trainer.fit(module, loader)
     say(f"trained {trainer.global_step} steps in {time.perf_counter() - start:.0f} s")
     return module.save_model_dir(out)
 
 
+MAX_TRAIN_STEPS = 1_000_000
+
+
+def train_steps(value: str) -> int:
+    import argparse
+
+    from cod.codec.commands import positive_int
+
+    n = positive_int(value)
+    if n > MAX_TRAIN_STEPS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_TRAIN_STEPS} steps (use `cod fit` for real training), got "
+                                         f"'{value}'")
+    return n
+
+
 def register(sub) -> None:
-    from cod.codec.commands import non_negative_int, positive_int
+    from cod.codec.commands import non_negative_int
 
     p = sub.add_parser("demo", help="compress bundled photos with the embedded model and compare with JPEG/WebP "
                                     "(--train: train a small model first)")
     p.add_argument("--out", default="cod-demo", help="output folder (picture, report, .cod files, model directory)")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder of an earlier run")
-    p.add_argument("--train", nargs="?", const=TRAIN_STEPS, type=positive_int, metavar="STEPS",
+    p.add_argument("--train", nargs="?", const=TRAIN_STEPS, type=train_steps, metavar="STEPS",
                    help=f"train a tiny model from scratch for STEPS steps first (default {TRAIN_STEPS}, a few "
                         f"minutes on one CPU thread) and demonstrate that one")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of --train (default 0)")

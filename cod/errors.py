@@ -40,10 +40,11 @@ def is_out_of_memory(e: BaseException) -> bool:
 def describe_error(e: BaseException) -> str:
     """One line for a failure: the message of a cod error, `path: reason` for an OSError, a hint for memory."""
     if is_out_of_memory(e):
-        return ("out of memory; lower --max-pixels or --batch-size, decode on a machine with more memory, or "
-                "close other programs")
+        return ("out of memory: what this needed does not fit in this machine's memory (for images: lower "
+                "--max-pixels or --batch-size; or use a machine with more memory)")
     if isinstance(e, OSError) and e.strerror:
         text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
     else:
         text = str(e) or type(e).__name__
-    return " ".join(text.split())
+    # one line, and no control characters from a file name reach the terminal
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in " ".join(text.split()))

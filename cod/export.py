@@ -19,10 +19,11 @@ import torch
 
 from cod.errors import CodError, LimitError
 from cod.files import atomic_directory, atomic_write_bytes, read_bytes_bounded
-from cod.limits import DEFAULT_MAX_PIXELS
 from cod.model import CoDModel
 
 FORMATS = ("torchscript", "onnx")
+MAX_INDEX_MISMATCH = 1e-3
+MAX_EXPORT_PIXELS = 2048 * 2048  # graphs are traced at one size; tracing and checking at 4096^2 takes ~10 GB
 
 
 def check_exportable(fmt: str) -> None:
@@ -90,10 +91,10 @@ def export(model: CoDModel, out_dir: str | Path, fmt: str = "onnx", height: int 
            batch: int = 1, overwrite: bool = False) -> dict:
     """Write the graphs and manifest.json into out_dir, as a whole (assembled beside it, renamed into place)."""
     check_exportable(fmt)
-    if batch * height * width > DEFAULT_MAX_PIXELS:
+    if batch * height * width > MAX_EXPORT_PIXELS:
         raise LimitError(f"export size {batch}x{height}x{width} is {batch * height * width / 1e6:.1f} megapixels, "
-                         f"over the {DEFAULT_MAX_PIXELS / 1e6:.1f} an export traces; graphs are traced at one size, "
-                         f"so export at the size you serve, up to 4096x4096")
+                         f"over the {MAX_EXPORT_PIXELS / 1e6:.1f} an export traces and checks; graphs are traced at "
+                         f"one size, so export at the size you serve, up to 2048x2048")
     model.check_size(height, width)
     with atomic_directory(Path(out_dir), overwrite, own=is_export_dir) as out:
         return _export(model.to("cpu").eval(), out, fmt, height, width, batch)
@@ -126,11 +127,17 @@ def _export(model: CoDModel, out: Path, fmt: str, height: int, width: int, batch
                 actual = _run_onnx(buf.getvalue(), names[name][0], args)
         atomic_write_bytes(path, buf.getvalue())
         err = (actual.float() - expected.float()).abs().max().item()
-        if expected.dtype == torch.int64 and err != 0:
-            raise RuntimeError(f"exported {name} graph gives other indices than PyTorch")
-        manifest["graphs"][name] = {"file": path.name, "inputs": {n: list(a.shape) for n, a in
-                                                                  zip(names[name][0], args)},
-                                    "output_shape": list(expected.shape), "max_abs_err_vs_eager": err}
+        graph = {"file": path.name, "inputs": {n: list(a.shape) for n, a in zip(names[name][0], args)},
+                 "output_shape": list(expected.shape), "max_abs_err_vs_eager": err}
+        if expected.dtype == torch.int64:
+            # the codebook search: a near-tie between two codewords can go the other way in another runtime's
+            # float arithmetic; a real export error changes many indices
+            mismatch = (actual != expected).float().mean().item()
+            graph["index_mismatch_fraction"] = mismatch
+            if mismatch > MAX_INDEX_MISMATCH:
+                raise CodError(f"the exported {name} graph gives other codebook indices than PyTorch for "
+                               f"{mismatch:.2%} of positions; the export is not usable (please report it)")
+        manifest["graphs"][name] = graph
     atomic_write_bytes(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
 

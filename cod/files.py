@@ -140,6 +140,23 @@ def cache_dir() -> Path:
     return Path(base) / "cod"
 
 
+def private_cache_dir() -> Path | None:
+    """The cache folder, created private (0700) if missing; None (no caching) unless it is a directory owned by
+    this user that nobody else can write to: what is read from it (verified hashes, work estimates) decides what
+    cod accepts, so a folder others can write must not be trusted."""
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = os.lstat(folder)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o022:
+        return None
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return None
+    return folder
+
+
 HASH_CACHE_ENTRIES = 256
 
 
@@ -150,13 +167,16 @@ def _hash_key(path: Path, st: os.stat_result) -> list:
 
 
 def sha256_file_cached(path: str | os.PathLike) -> str:
-    """sha256 of a file, remembered in the user's cache folder ($COD_CACHE_DIR, else $XDG_CACHE_HOME/cod or
-    ~/.cache/cod) under the file's identity (device, inode, size, mtime and ctime): a file that has not been
-    written since it was last hashed is not read again. A cache that cannot be read or written is ignored."""
+    """sha256 of a file, remembered in the user's private cache folder (private_cache_dir) under the file's
+    identity (device, inode, size, mtime and ctime): a file that has not been written since it was last hashed is
+    not read again. A cache that cannot be read or written, or is not private, is ignored."""
     path = Path(path).resolve()
+    folder = private_cache_dir()
+    if folder is None:
+        return sha256_file(path)
     st = os.stat(path)
     key = _hash_key(path, st)
-    cache_file = cache_dir() / "sha256.json"
+    cache_file = folder / "sha256.json"
     cache = read_cache_json(cache_file)
     entry = cache.get(str(path))
     if isinstance(entry, dict) and entry.get("key") == key and isinstance(entry.get("sha256"), str):

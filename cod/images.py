@@ -23,6 +23,7 @@ MAX_IMAGE_FILE_BYTES = GiB
 # The formats cod decodes: those whose header states the size of the image that will be decoded.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF", "PPM", "AVIF")
 MAX_JPEG_SCANS = 256
+MAX_SEGMENTS = 4096  # JPEG marker segments or PNG chunks
 # Pillow's own decompression-bomb guard (it refuses twice this many pixels) stays as a second line behind ours.
 Image.MAX_IMAGE_PIXELS = 1 << 28
 
@@ -64,21 +65,62 @@ def as_rgb8(image) -> np.ndarray:
     return arr
 
 
-def check_jpeg_scans(data: bytes, name: str) -> None:
-    """Refuse a JPEG with more scans than any encoder writes: each scan of a progressive JPEG makes the decoder
-    pass over the whole image again, so a file of repeated tiny scans decodes for hours. Scan markers (FF DA)
-    cannot occur inside entropy-coded data (0xFF is stuffed there), so counting them is enough."""
-    scans = data.count(b"\xff\xda") if data[:2] == b"\xff\xd8" else 0
-    if scans > MAX_JPEG_SCANS:
-        raise InputError(f"{name}: a JPEG with {scans} scans (encoders write at most a few dozen; this many would "
-                         f"take hours to decode)")
+def check_structure(data: bytes, name: str) -> None:
+    """Refuse JPEG and PNG files whose structure costs far more than their size suggests, before a decoder sees
+    them: a progressive JPEG of thousands of tiny scans decodes the whole image again for each; Pillow keeps every
+    JPEG marker segment and walks every PNG chunk (a 64 MB flood of empty segments takes gigabytes or minutes).
+    Both formats are walked segment by segment, by their own length fields (linear in the file size)."""
+    if data[:2] == b"\xff\xd8":
+        segments, scans = _jpeg_segments(data)
+        if scans > MAX_JPEG_SCANS or segments > MAX_SEGMENTS:
+            raise InputError(f"{name}: a JPEG with {scans} scans and {segments} marker segments (encoders write a "
+                             f"few dozen; this many would take hours or gigabytes to decode)")
+    elif data[:8] == b"\x89PNG\r\n\x1a\n":
+        chunks, pos = 0, 8
+        while pos + 8 <= len(data) and chunks <= MAX_SEGMENTS:
+            length = int.from_bytes(data[pos:pos + 4], "big")
+            if data[pos + 4:pos + 8] == b"IEND":
+                break
+            pos, chunks = pos + 12 + length, chunks + 1
+        if chunks > MAX_SEGMENTS:
+            raise InputError(f"{name}: a PNG of more than {MAX_SEGMENTS} chunks (encoders write a few dozen)")
+
+
+def _jpeg_segments(data: bytes) -> tuple[int, int]:
+    """(marker segments, scans) of a JPEG: headers are skipped by their lengths; after a scan header the
+    entropy-coded data is skipped to the next marker (0xFF not followed by 0x00 or a restart marker: 0xFF is
+    stuffed inside the data)."""
+    segments = scans = 0
+    pos = 2
+    while pos + 4 <= len(data) and segments <= MAX_SEGMENTS:
+        if data[pos] != 0xFF:
+            break
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:  # end of image
+            break
+        segments += 1
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker == 0xDA:
+            scans += 1
+            while True:  # entropy-coded data up to the next marker that is not stuffing or a restart
+                pos = data.find(b"\xff", pos)
+                if pos < 0 or pos + 1 >= len(data):
+                    return segments, scans
+                if data[pos + 1] == 0 or 0xD0 <= data[pos + 1] <= 0xD7:
+                    pos += 2
+                    continue
+                break
+    return segments, scans
 
 
 def decode_image(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     """Image file bytes -> HxWx3 uint8 RGB, for the formats in IMAGE_FORMATS only (ICO, ICNS, EPS and the like
     hold images Pillow decodes before or regardless of the declared size). The pixel count is checked from the
     header before decoding; every decoder failure becomes one InputError naming the file."""
-    check_jpeg_scans(data, name)
+    check_structure(data, name)
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
             check_pixels(*img.size, max_pixels, name)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from cod.errors import LimitError
-from cod.files import atomic_write_bytes, cache_dir, read_cache_json
+from cod.files import atomic_write_bytes, private_cache_dir, read_cache_json
 
 COST_MODEL_VERSION = 2  # bump when the count changes, to invalidate cached polynomials
 
@@ -32,6 +32,10 @@ DEFAULT_MAX_STEPS = 100
 # A pixel-xl decode of a 768x512 Kodak image with 25 steps is ~91 TFLOP; a 4096x4096 decode with the tiny preset
 # and 25 steps ~440 TFLOP (hours of CPU). GPUs run 100-1000x faster.
 DEFAULT_MAX_TFLOP = {"cpu": 150.0, "cuda": 20000.0}
+
+
+def _tflop(x: float) -> str:
+    return f"{x:,.0f}" if x >= 10 else f"{x:.3g}"
 
 
 def check_pixels(width: int, height: int, max_pixels: int, name: str) -> None:
@@ -67,8 +71,8 @@ class Limits:
         work = encode_tflop(model, height, width)
         budget = self.tflop_budget(model.device)
         if work > budget:
-            raise LimitError(f"{name}: encoding this {width}x{height} image is estimated at {work:,.0f} TFLOP, over "
-                             f"the limit of {budget:,.0f} TFLOP for a {model.device.type} device (--max-tflop); "
+            raise LimitError(f"{name}: encoding this {width}x{height} image is estimated at {_tflop(work)} TFLOP, over "
+                             f"the limit of {_tflop(budget)} TFLOP for a {model.device.type} device (--max-tflop); "
                              f"pass --max-tflop {math.ceil(work)} to run it anyway")
 
     def check_decode(self, model, height: int, width: int, steps: int, name: str) -> None:
@@ -82,7 +86,7 @@ class Limits:
         budget = self.tflop_budget(model.device)
         if work > budget:
             raise LimitError(f"{name}: decoding this {width}x{height} image with {steps} steps is estimated at "
-                             f"{work:,.0f} TFLOP, over the limit of {budget:,.0f} TFLOP for a {model.device.type} "
+                             f"{_tflop(work)} TFLOP, over the limit of {_tflop(budget)} TFLOP for a {model.device.type} "
                              f"device (--max-tflop); pass --max-tflop {math.ceil(work)} to run it anyway, or "
                              f"decode with fewer --steps")
 
@@ -123,17 +127,22 @@ PARTS = ("step", "once", "encode")
 @lru_cache(maxsize=16)
 def _polynomials(denoiser_json: str, latent_json: str, family: str, multiple: int) -> dict[str, tuple]:
     key = hashlib.sha256(f"{COST_MODEL_VERSION}|{denoiser_json}|{latent_json}|{family}|{multiple}".encode()).hexdigest()
-    cache = cache_dir() / "flops" / f"{key[:32]}.json"
+    folder = private_cache_dir()
+    cache = folder / "flops" / f"{key[:32]}.json" if folder is not None else None
     try:
-        data = read_cache_json(cache)
+        data = read_cache_json(cache) if cache is not None else {}
         polynomials = {part: tuple(float(v) for v in data[part]) for part in PARTS}
-        if all(len(c) == 3 and all(map(math.isfinite, c)) for c in polynomials.values()):
+        # every part costs something per token and nothing is negative: anything else is not our cache
+        if all(len(c) == 3 and all(map(math.isfinite, c)) and min(c) >= 0 and c[1] > 0
+               for c in polynomials.values()):
             return polynomials
     except (ValueError, KeyError, TypeError):
         pass
     polynomials = _count_polynomials(denoiser_json, latent_json, family, multiple)
-    with contextlib.suppress(OSError):
-        atomic_write_bytes(cache, json.dumps(polynomials).encode(), overwrite=True)
+    if cache is not None:
+        with contextlib.suppress(OSError):
+            cache.parent.mkdir(mode=0o700, exist_ok=True)
+            atomic_write_bytes(cache, json.dumps(polynomials).encode(), overwrite=True)
     return polynomials
 
 

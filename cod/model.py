@@ -237,8 +237,13 @@ class CoDModel(torch.nn.Module):
                 if self.latent is not None:
                     vae_sd = {k: v.detach().contiguous().cpu() for k, v in self.latent.vae.state_dict().items()}
                     _save_tensors(vae_sd, tmp / vae_file)
-                elif self.path is not None and (self.path / vae_file).is_file():  # never loaded: copy it as is
-                    shutil.copyfile(self.path / vae_file, tmp / vae_file)
+                elif self.path is not None and (self.path / vae_file).is_file():  # never loaded: copy it as is,
+                    source = self.path / vae_file  # once it is shown to be the file its config recorded
+                    expected = (self.config.get("checksums") or {}).get(vae_file)
+                    if expected is None:
+                        raise ModelDirError(f"cannot save {out}: {source} has no recorded sha256 to check it against")
+                    verify_file(source, expected, self.path / "config.json", self.verify)
+                    shutil.copyfile(source, tmp / vae_file)
                 else:
                     raise ModelDirError(f"cannot save {out}: its config names the VAE file {vae_file}, but the VAE "
                                         f"is not loaded and no source directory holds it")

@@ -29,6 +29,15 @@ def _run_in_a_temporary_folder(tmp_path_factory, monkeypatch):
     cod cache folder (verified hashes, cost-model tables)."""
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
     monkeypatch.setenv("COD_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cod-cache"))
+    # Lightning's log handlers keep the stream that was sys.stderr when Lightning was imported: under pytest that
+    # may be an earlier test's captured (now closed) stream
+    import logging
+    import sys
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler):
+                monkeypatch.setattr(handler, "stream", sys.__stderr__)
 
 
 def require(path: Path) -> Path:

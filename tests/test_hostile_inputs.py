@@ -55,9 +55,11 @@ def save_png(path, array):
     return path
 
 
-def one_error(capsys, *words) -> str:
+def one_error(capsys, *words, only_line: bool = True) -> str:
+    """Exactly one `cod: error:` line naming `words` (and, unless only_line is False, nothing else on stderr:
+    `cod fit` also prints Lightning's progress information there)."""
     err = capsys.readouterr().err
-    assert err.count("cod: error:") == 1 and err.count("\n") == 1, err
+    assert err.count("cod: error:") == 1 and (err.count("\n") == 1 or not only_line), err
     assert "Traceback" not in err, err
     for word in words:
         assert word in err, (word, err)
@@ -630,3 +632,144 @@ def test_batches_stay_within_the_pixel_limit():
     assert api.batch_limit(64, (2048, 2048), Limits()) == 4
     assert api.batch_limit(64, (4096, 4096), Limits()) == 1
     assert api.batch_limit(3, (64, 64), Limits()) == 3
+
+
+# ---- found by a second adversarial review ------------------------------------------------------------------------
+def test_expanded_tensors_in_a_checkpoint_are_refused(model_dir, tmp_path, capsys):
+    import torch
+
+    state = {f"ema_denoiser.{k}": v for k, v in load_file(str(model_dir / "model.safetensors")).items()}
+    state["diffusion_trainer.head"] = torch.zeros(1).expand(10_000_000)  # 4 stored bytes, 40 MB once copied
+    torch.save({"state_dict": state}, tmp_path / "expanded.pt")
+    assert main(["import-official", "--ckpt", str(tmp_path / "expanded.pt"), "--preset", "tiny-pixel",
+                 "--out", str(tmp_path / "m")]) == 1
+    one_error(capsys, "diffusion_trainer.head", "not a plain tensor")
+
+
+def test_a_disguised_compressed_checkpoint_is_refused(tmp_path, capsys):
+    import zipfile
+
+    import torch
+
+    torch.save({"ema_denoiser.w": torch.zeros(1000)}, tmp_path / "plain.pt")
+    bomb = tmp_path / "tail.pt"
+    with zipfile.ZipFile(tmp_path / "plain.pt") as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    bomb.write_bytes(bomb.read_bytes() + b"PK\x05\x06")  # zipfile.is_zipfile now says no; torch still reads it
+    assert main(["import-official", "--ckpt", str(bomb), "--preset", "tiny-pixel", "--out", str(tmp_path / "m")]) == 1
+    one_error(capsys, "bomb")
+
+
+def test_a_vae_config_describing_a_huge_network_costs_nothing(tmp_path, capsys):
+    from cod.models.vae import load_vae
+
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "block_out_channels": [2048] * 6,
+                                                    "layers_per_block": 8, "latent_channels": 64}))
+    save_file({"x": __import__("torch").zeros(1)}, str(folder / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(ValueError, match="does not match"):  # built on the meta device, compared, refused
+        load_vae(folder)
+
+
+def test_tar_shards_with_oversized_headers_are_skipped(tmp_path):
+    import gzip
+    import io
+    import tarfile
+
+    from cod.training.data import TarShards
+
+    with gzip.open(tmp_path / "longname.tar.gz", "wb") as g:
+        info = tarfile.TarInfo("././@LongLink")
+        info.type, info.size = tarfile.GNUTYPE_LONGNAME, 5_000_000
+        g.write(info.tobuf(format=tarfile.GNU_FORMAT) + b"a" * 5_000_000)
+    good = io.BytesIO()
+    Image.fromarray(rand_image(80, 80)).save(good, "PNG")
+    with tarfile.open(tmp_path / "ok.tar", "w") as t:
+        info = tarfile.TarInfo("a.png")
+        info.size = len(good.getvalue())
+        t.addfile(info, io.BytesIO(good.getvalue()))
+    with pytest.warns(UserWarning, match="long-name header"):
+        assert list(TarShards(str(tmp_path / "longname.tar.gz"), 64)) == []
+    assert len(list(TarShards(str(tmp_path / "ok.tar"), 64))) == 1
+
+
+def test_jpeg_and_png_segment_floods_are_refused(tmp_path, capsys, model_dir):
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(rand_image(16, 16)).save(buf, format="JPEG")
+    jpeg = buf.getvalue()
+    (tmp_path / "app.jpg").write_bytes(jpeg[:2] + b"\xff\xe5\x00\x02" * 5000 + jpeg[2:])
+    buf = io.BytesIO()
+    Image.fromarray(rand_image(16, 16)).save(buf, format="PNG")
+    png = buf.getvalue()
+    chunk = b"\x00\x00\x00\x00prVt\x00\x00\x00\x00"  # an empty private chunk (CRC not checked for those)
+    (tmp_path / "chunks.png").write_bytes(png[:33] + chunk * 5000 + png[33:])
+    for name in ("app.jpg", "chunks.png"):
+        assert main(["compress", "--model", str(model_dir), str(tmp_path / name), "-o", str(tmp_path / "o")]) == 1
+        one_error(capsys, name, "encoders write")
+
+
+def test_fit_never_replaces_a_saved_config_and_checks_ckpt_path(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from conftest import ROOT, TRAIN256, require
+
+    require(TRAIN256)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.yaml").write_text("my: precious\n")
+    tiny = str(ROOT / "conf" / "tiny.yaml")
+    assert main(["fit", "--config", tiny, "--trainer.logger", "false", "--trainer.max_steps", "1",
+                 "--trainer.enable_progress_bar", "false"]) == 1
+    one_error(capsys, "config.yaml", "exists", only_line=False)
+    assert (tmp_path / "config.yaml").read_text() == "my: precious\n"
+    torch.save({"a": torch.zeros(2)}, tmp_path / "foreign.pt")
+    assert main(["fit", "--config", tiny, "--ckpt_path", str(tmp_path / "foreign.pt")]) == 1
+    one_error(capsys, "not a checkpoint written by `cod fit`")
+    assert main(["fit", "--config", tiny, "--ckpt_path", str(tmp_path / "foreign.pt"), "--weights_only",
+                 "false"]) == 1
+    one_error(capsys, "unpickle")
+
+
+def test_a_cache_others_can_write_is_not_trusted(model_dir, tmp_path, monkeypatch):
+    import cod.files
+
+    shared = tmp_path / "shared-cache"
+    shared.mkdir(mode=0o777)
+    os.chmod(shared, 0o777)
+    monkeypatch.setenv("COD_CACHE_DIR", str(shared))
+    assert cod.files.private_cache_dir() is None
+    cod.load(model_dir)
+    assert not (shared / "sha256.json").exists()  # nothing remembered, nothing read
+
+
+def test_saving_a_model_never_launders_a_tampered_vae(tmp_path, capsys):
+    lat = tmp_path / "lat"
+    cod.new_model("tiny-latent", lat)
+    data = bytearray((lat / "vae.safetensors").read_bytes())
+    data[-2] ^= 0x40
+    (lat / "vae.safetensors").write_bytes(bytes(data))
+    model = cod.load(lat)  # the VAE is not needed yet
+    with pytest.raises(cod.model.ModelDirError, match="does not match"):
+        model.save(tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
+
+
+def test_symbolic_link_loops_and_debug_zero(tmp_path, capsys, monkeypatch):
+    (tmp_path / "l1").symlink_to(tmp_path / "l2")
+    (tmp_path / "l2").symlink_to(tmp_path / "l1")
+    assert main(["new-model", "--preset", "tiny-pixel", "--out", str(tmp_path / "l1")]) == 1
+    one_error(capsys, "loop")
+    monkeypatch.setenv("COD_DEBUG", "0")
+    assert main(["info", str(tmp_path / "missing")]) == 1
+    one_error(capsys, "does not exist")
+
+
+def test_an_anchor_that_cannot_encode_an_image_is_a_warning(model_dir, tmp_path, capsys):
+    save_png(tmp_path / "wide.png", rand_image(8, 20000))
+    assert main(["evaluate", "--model", str(model_dir), str(tmp_path / "wide.png"), "--anchors", "webp",
+                 "--steps", "1", "--out-dir", str(tmp_path / "ev")]) == 0
+    assert "no WEBP anchor" in capsys.readouterr().err
+    assert json.loads((tmp_path / "ev" / "per_image.json").read_text())[0]["method"] == "cod"

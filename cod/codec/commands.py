@@ -23,7 +23,7 @@ def positive_int(value: str) -> int:
         n = int(value)
     except ValueError:
         n = 0
-    if n < 1:
+    if not 1 <= n < 1 << 62:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got '{value}'")
     return n
 
@@ -335,6 +335,9 @@ def _cmd_evaluate(args) -> None:
 
     result = evaluate(model, inputs, out_dir, anchors, weights, progress=progress, limits=limits_from(args),
                       overwrite=args.overwrite, **sampling)
+    if not args.quiet:
+        for note in result["notes"]:
+            print(f"cod: warning: {note}", file=sys.stderr)
     if not args.quiet:
         shown = ["psnr", "ms_ssim"] + [m for m in BACKBONES if weights[m]]
         print(f"{'method':8s} {'bpp(file)':>10s} " + " ".join(f"{m.upper().replace('_', '-'):>8s}" for m in shown)

@@ -142,7 +142,7 @@ def evaluate(model, paths: list[Path], out_dir: Path, anchors: tuple[str, ...] =
     from cod.images import read_image
 
     perceptual = {name: PerceptualMetric(name, path) for name, path in (weights or {}).items() if path}
-    rows, failures = [], []
+    rows, failures, notes = [], [], []
     for path in progress(paths) if progress else paths:
         try:
             image = read_image(path, limits.max_pixels)
@@ -157,13 +157,17 @@ def evaluate(model, paths: list[Path], out_dir: Path, anchors: tuple[str, ...] =
             continue
         rows.append(_row(path, "cod", image, recon, len(data), api.payload_size(model, H, W), True, "", perceptual))
         for codec in anchors:
-            a = matched_anchor(image, codec, len(data))
+            try:
+                a = matched_anchor(image, codec, len(data))
+            except Exception as e:  # noqa: BLE001 - an encoder's own limits (WebP: 16383 pixels a side)
+                notes.append(f"{path}: no {codec.upper()} anchor ({describe_error(e)})")
+                continue
             rows.append(_row(path, codec, image, a["recon"], a["bytes"], a["bytes"], a["matched"], a["quality"],
                              perceptual))
     summary = summarize(rows)
     if rows:
         write_reports(rows, summary, out_dir, overwrite)
-    return {"rows": rows, "summary": summary, "failures": failures}
+    return {"rows": rows, "summary": summary, "failures": failures, "notes": notes}
 
 
 def _row(path: Path, method: str, image: np.ndarray, recon: np.ndarray, file_bytes: int, payload_bytes: int,
@@ -199,7 +203,7 @@ def _json(obj) -> bytes:
             return [clean(x) for x in v]
         return None if isinstance(v, float) and not math.isfinite(v) else v
 
-    return (json.dumps(clean(obj), indent=1) + "\n").encode()
+    return (json.dumps(clean(obj), indent=1) + "\n").encode("utf-8", "surrogateescape")
 
 
 def write_reports(rows: list[dict], summary: dict, out_dir: Path, overwrite: bool = False) -> None:
@@ -207,7 +211,9 @@ def write_reports(rows: list[dict], summary: dict, out_dir: Path, overwrite: boo
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    reports = dict(zip(REPORT_FILES, (buf.getvalue().encode(), _json(rows), _json(summary), rd_plot(rows))))
+    # surrogateescape: file names that are not valid UTF-8 are written back as the bytes they were
+    reports = dict(zip(REPORT_FILES, (buf.getvalue().encode("utf-8", "surrogateescape"), _json(rows),
+                                      _json(summary), rd_plot(rows))))
     for name, data in reports.items():
         atomic_write_bytes(out_dir / name, data, overwrite=overwrite)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import os
 import sys
 import warnings
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from cod.errors import OutputExistsError
 from cod.files import load_yaml, read_bytes_bounded
 from cod.model_config import MAX_CONFIG_BYTES
 
@@ -63,6 +65,40 @@ def _resolve_paths(data: dict, base: Path) -> dict:
     return data
 
 
+YAML_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def check_config_files(values) -> None:
+    """LightningCLI also reads YAML files named by other options (`--data FILE`, `--model FILE`) and by string
+    values inside configs; each such existing file goes through the same bounded, alias-checked reading first."""
+    for value in values:
+        if isinstance(value, dict):
+            check_config_files(value.values())
+        elif isinstance(value, list):
+            check_config_files(value)
+        elif isinstance(value, str) and value.lower().endswith(YAML_SUFFIXES) and "\n" not in value and \
+                os.path.lexists(value):
+            load_yaml(read_bytes_bounded(value, MAX_CONFIG_BYTES, "config file"), value)
+
+
+def check_ckpt_path(argv: list[str]) -> None:
+    """`--ckpt_path FILE` (resume) is read by Lightning with torch.load: refuse what is not a checkpoint of
+    `cod fit` (guarded against allocation bombs like every torch file cod reads), and never allow unpickling."""
+    from cod.models.state_dict import load_torch_file
+
+    for i, arg in enumerate(argv):
+        if arg.startswith("--weights_only") and "false" in (arg.partition("=")[2] or "".join(argv[i + 1:i + 2])).lower():
+            raise ValueError("--weights_only false would unpickle the checkpoint (unpickling can run any code); cod "
+                             "resumes its own checkpoints without it")
+    for i, arg in enumerate(argv):
+        value = arg.partition("=")[2] if arg.startswith("--ckpt_path=") else (
+            argv[i + 1] if arg == "--ckpt_path" and i + 1 < len(argv) else None)
+        if value and value not in ("last", "best", "hpc", "registry"):
+            ckpt = load_torch_file(value, "checkpoint")
+            if not (isinstance(ckpt, dict) and "pytorch-lightning_version" in ckpt and "state_dict" in ckpt):
+                raise ValueError(f"--ckpt_path {value}: not a checkpoint written by `cod fit` (no Lightning state)")
+
+
 def expand_configs(argv: list[str]) -> list[str]:
     out, i = [], 0
     while i < len(argv):
@@ -92,7 +128,7 @@ class _QuietLightning(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_third_party():
+def quiet_third_party():
     """Keep the run's output about the run: no deprecation notices from libraries, no tips, and no warning from
     LightningCLI that we pass it arguments (we do, after expanding `extends:`)."""
     from lightning_utilities.core import rank_zero
@@ -148,13 +184,25 @@ def lightning_main(argv: list[str]) -> int:
         from cod.training.module import CoDTrainingModule
 
         args = expand_configs(argv)
-        with _quiet_third_party():
+        check_config_files([yaml.safe_load(a) if a.count("\n") else a for a in args])
+        check_ckpt_path(argv)
+        with quiet_third_party():
             try:
-                LightningCLI(CoDTrainingModule, ImageDataModule, args=args, save_config_kwargs={"overwrite": True},
+                # the run's config.yaml never replaces an existing file (with the logger off it lands in the
+                # current folder)
+                LightningCLI(CoDTrainingModule, ImageDataModule, args=args, save_config_kwargs={"overwrite": False},
                              parser_kwargs={"prog": "cod", "exit_on_error": False})
             except argparse.ArgumentError as e:  # a config value of the wrong type, an unknown key, ...
                 print(f"cod: error: {' '.join(str(e).split())} (see `cod {command} --help`)", file=sys.stderr)
                 status["code"] = EXIT_USAGE
+            except RuntimeError as e:
+                if "to NOT exist" not in str(e):
+                    raise
+                found = re.search(r"expected (.+?) to NOT exist", str(e))
+                existing = found.group(1) if found else "config.yaml"
+                raise OutputExistsError(f"{existing} exists already (an earlier run's saved config?): cod does not "
+                                        f"replace it; run in another folder or set a new trainer.default_root_dir"
+                                        ) from None
 
     code = run(go)
     return code or status["code"]

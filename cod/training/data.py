@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 
 from cod.errors import InputError
 from cod.files import read_bytes_bounded
-from cod.images import IMAGE_SUFFIXES, decode_image, to_rgb8
+from cod.images import IMAGE_SUFFIXES, decode_image
 
 # A training image larger than this is skipped as unreadable (checked from its header, before decoding, and again
 # for the size it would be resized to): crops are at most a few hundred pixels, and one 100-megapixel image would
@@ -190,6 +190,24 @@ def expand_braces(pattern: str) -> list[str]:
     return [pattern[: m.start()] + str(i).zfill(width) + pattern[m.end():] for i in range(lo, hi + 1)]
 
 
+MAX_TAR_MEMBERS = 10_000_000
+MAX_TAR_HEADER_BYTES = 64 << 10
+
+
+class BoundedTarInfo(tarfile.TarInfo):
+    """A tar member header whose GNU long-name and PAX extensions are bounded (tarfile reads them whole)."""
+
+    def _proc_gnulong(self, tarfile_):
+        if self.size > MAX_TAR_HEADER_BYTES:
+            raise tarfile.HeaderError(f"a {self.size}-byte long-name header")
+        return super()._proc_gnulong(tarfile_)
+
+    def _proc_pax(self, tarfile_):
+        if self.size > MAX_TAR_HEADER_BYTES:
+            raise tarfile.HeaderError(f"a {self.size}-byte PAX header")
+        return super()._proc_pax(tarfile_)
+
+
 class TarShards(IterableDataset):
     def __init__(self, pattern: str, size: int, train: bool = True, seed: int = 0, rank: int = 0, world: int = 1):
         self.shards = expand_braces(pattern)
@@ -204,19 +222,30 @@ class TarShards(IterableDataset):
         if self.train:
             rng.shuffle(shards)
         for shard in _shard(shards, self.rank, self.world):
-            with tarfile.open(shard) as tar:
-                for member in tar:
-                    if not (member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES):
-                        continue
-                    name = f"{shard}:{member.name}"
-                    if member.size > MAX_TRAIN_FILE_BYTES or member.issparse():  # bounded before any byte is read
-                        SkipCounter.note(name, ValueError(f"a {member.size}-byte member (sparse or over "
-                                                          f"{MAX_TRAIN_FILE_BYTES} bytes)"))
-                        continue
-                    data = tar.extractfile(member).read(MAX_TRAIN_FILE_BYTES + 1)
-                    patch = crop_or_skip(decode_bytes(data, name), self.size, self.train, rng, name)
-                    if patch is not None:
-                        yield patch, zlib.crc32(name.encode())
+            try:
+                yield from self._shard_samples(shard, rng)
+            except (tarfile.TarError, OSError, EOFError) as e:  # a damaged shard: the rest of it is skipped
+                SkipCounter.note(shard, e)
+
+    def _shard_samples(self, shard: str, rng: random.Random):
+        # streaming mode keeps no list of members; BoundedTarInfo refuses oversized long-name/PAX headers, which
+        # tarfile would otherwise read whole into memory
+        with tarfile.open(shard, mode="r|*", tarinfo=BoundedTarInfo) as tar:
+            for n, member in enumerate(tar):
+                if n >= MAX_TAR_MEMBERS:
+                    SkipCounter.note(shard, ValueError(f"more than {MAX_TAR_MEMBERS} members; the rest skipped"))
+                    return
+                if not (member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES):
+                    continue
+                name = f"{shard}:{member.name}"
+                if member.size > MAX_TRAIN_FILE_BYTES or member.issparse():  # bounded before any byte is read
+                    SkipCounter.note(name, ValueError(f"a {member.size}-byte member (sparse or over "
+                                                      f"{MAX_TRAIN_FILE_BYTES} bytes)"))
+                    continue
+                data = tar.extractfile(member).read(MAX_TRAIN_FILE_BYTES + 1)
+                patch = crop_or_skip(decode_bytes(data, name), self.size, self.train, rng, name)
+                if patch is not None:
+                    yield patch, zlib.crc32(name.encode())
 
 
 class HFStream(IterableDataset):
@@ -230,16 +259,21 @@ class HFStream(IterableDataset):
         kwargs = {"data_dir": path} if builder == "imagefolder" else (
             {"data_files": sorted(glob.glob(path))} if builder == "parquet" else {})
         ds = datasets.load_dataset(builder if kwargs else self.spec, split="train", streaming=True, **kwargs)
+        key = next((k for k, f in (ds.features or {}).items() if isinstance(f, datasets.Image)), None)
+        if key is not None:  # undecoded: the bytes go through cod's own checks (formats, sizes, structure)
+            ds = ds.cast_column(key, datasets.Image(decode=False))
         rng = random.Random(hash((self.seed, self.rank)))
         info = get_worker_info()
         workers, wid = (info.num_workers, info.id) if info else (1, 0)
         for i, item in enumerate(ds):
             if i % (self.world * workers) != self.rank * workers + wid:
                 continue
-            value = next((v for v in item.values() if isinstance(v, Image.Image)), None)
-            if value is None or value.width * value.height > MAX_TRAIN_PIXELS:
+            value = item.get(key) if key is not None else None
+            if not isinstance(value, dict):
                 continue
-            patch = crop_or_skip(to_rgb8(value), self.size, self.train, rng, f"{self.spec}[{i}]")
+            name = f"{self.spec}[{i}]"
+            data = value.get("bytes") or (read_image_bytes(Path(value["path"])) if value.get("path") else None)
+            patch = crop_or_skip(None if data is None else decode_bytes(data, name), self.size, self.train, rng, name)
             if patch is not None:
                 yield patch, i
 
