@@ -5,6 +5,7 @@ A model directory holds
   model.safetensors   the denoiser's weights (keys = its state_dict keys, EMA weights for imported models)
   vae.safetensors     (latent models, optional) the VAE; otherwise it comes from $COD_VAE_PATH
   objective.safetensors (optional) the training heads, for fine-tuning
+  prior.safetensors   (optional) the index prior for entropy-coded files (cod fit-prior; docs/entropy.md)
   MODEL_CARD.md       human-readable provenance: variant, real bpp, source, sha256
 Every command and `cod.load(DIR)` read this; `cod new-model` and `cod import-official` write it.
 """
@@ -21,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cod.diffusion.samplers import Sampler, build_sampler
-from cod.errors import InputError, LimitError, ModelDirError
+from cod.errors import InputError, LimitError, ModelDirError, OutputExistsError
 from cod.files import (atomic_directory, atomic_write_bytes, read_bytes_bounded, regular_file_stat, sha256_file,
                        sha256_file_cached)
 from cod.model_config import CONFIG_FORMAT, CONFIG_VERSION, MAX_CONFIG_BYTES, parse_config_bytes, validate_config
@@ -36,6 +37,7 @@ __all__ = ["CoDModel", "ModelDirError", "atomic_write_bytes", "build_config", "b
            "read_config", "sha256_file", "CONFIG_FORMAT", "CONFIG_VERSION"]
 WEIGHTS_FILE = "model.safetensors"
 OBJECTIVE_FILE = "objective.safetensors"
+PRIOR_FILE = "prior.safetensors"
 VERIFY_MODES = ("cached", "always")
 DENOISERS = {"PixNerDiT": PixNerDiT, "DDT": DDT}
 LATENT_DOWNSAMPLE = 8  # the SD VAE; condition tokens cover 16x16 pixels = 2x2 latent cells
@@ -77,6 +79,8 @@ class CoDModel(torch.nn.Module):
         self._uncond_cache: dict[tuple, torch.Tensor] = {}
         self.vae_path: str | None = None  # where a latent model's VAE comes from when not bundled (else $COD_VAE_PATH)
         self.verify = "cached"
+        self.prior = None  # the index prior (cod.entropy.priors), when the directory has one
+        self.prior_fingerprint = ""  # sha256 of prior.safetensors: entropy-coded files are tied to it
 
     @property
     def fingerprint(self) -> str:
@@ -252,6 +256,10 @@ class CoDModel(torch.nn.Module):
                 _save_tensors({k: v.detach().contiguous().cpu() for k, v in objective_state.items()},
                               tmp / OBJECTIVE_FILE)
                 checksums[OBJECTIVE_FILE] = sha256_file(tmp / OBJECTIVE_FILE)
+            config.pop("prior", None)
+            if self.prior is not None:
+                config["prior"] = _write_prior(self.prior, tmp)
+                checksums[PRIOR_FILE] = sha256_file(tmp / PRIOR_FILE)
             config["fingerprint"] = fingerprint
             if checksums:
                 config["checksums"] = checksums
@@ -260,7 +268,64 @@ class CoDModel(torch.nn.Module):
         if weights_dtype is not None:  # this model now is what the directory holds: the rounded weights
             self.denoiser.load_state_dict(weights)
         self.config, self.fingerprint, self.path = config, fingerprint, out
+        self.prior_fingerprint = checksums.get(PRIOR_FILE, "")
         return out
+
+
+def _write_prior(prior, directory: Path) -> dict:
+    """prior.safetensors in directory -> the config's "prior" entry."""
+    from cod.entropy.priors import prior_state
+
+    _save_tensors(prior_state(prior), directory / PRIOR_FILE)
+    return {"kind": prior.kind, "file": PRIOR_FILE, **{k: v for k, v in prior.hyper().items() if k != "num_codes"}}
+
+
+def write_prior(model_dir: str | os.PathLike, prior, overwrite: bool = False) -> str:
+    """Add (or, with overwrite, replace) the index prior of a model directory, as a whole-directory swap: the other
+    files are carried over byte for byte (hard links where the file system allows), so the weights' fingerprint
+    and every file written before stay valid. Returns the prior's sha256."""
+    path = Path(model_dir)
+    config = read_config(path)
+    if config.get("prior") is not None and not overwrite:
+        raise OutputExistsError(f"{path} already has an index prior ({PRIOR_FILE}); pass --overwrite to replace it "
+                                f"(files entropy-coded with the old prior will no longer decode)")
+    keep = [p for p in path.iterdir() if p.name not in ("config.json", "MODEL_CARD.md", PRIOR_FILE)]
+    for p in keep:
+        weights_file(path, p.name, "model file")
+    with atomic_directory(path, True, own=is_model_dir) as tmp:
+        for p in keep:
+            try:
+                os.link(p, tmp / p.name)
+            except OSError:
+                shutil.copyfile(p, tmp / p.name)
+        config = dict(config)
+        config["prior"] = _write_prior(prior, tmp)
+        config["checksums"] = {**(config.get("checksums") or {}), PRIOR_FILE: sha256_file(tmp / PRIOR_FILE)}
+        atomic_write_bytes(tmp / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+        card = (path / "MODEL_CARD.md").read_text() if (path / "MODEL_CARD.md").is_file() else \
+            render_model_card(config, {})
+        card = "\n".join(line for line in card.splitlines() if not line.startswith("- index prior:"))
+        atomic_write_bytes(tmp / "MODEL_CARD.md", (card + f"\n- index prior: {prior.kind} "
+                                                         f"({config['checksums'][PRIOR_FILE][:16]}...)\n").encode())
+    return config["checksums"][PRIOR_FILE]
+
+
+def _load_prior(path: Path, config: dict, num_codes: int, verify: str):
+    """The directory's index prior, checked like the weights: shapes and dtypes from the header, sha256 against
+    config.json, then every table validated (cod.entropy.priors.prior_from_state)."""
+    from cod.entropy.priors import prior_from_state
+
+    spec = config["prior"]
+    file = weights_file(path, PRIOR_FILE, "prior file")
+    _safetensors_shapes(file)  # a malformed header is refused before reading
+    verify_file(file, config["checksums"][PRIOR_FILE], path / "config.json", verify)
+    try:
+        tensors = load_file(str(file))
+        hyper = {k: v for k, v in spec.items() if k not in ("kind", "file")}
+        return prior_from_state(spec["kind"], num_codes, hyper, tensors)
+    except Exception as e:  # noqa: BLE001 - safetensors' own errors and ours, as one line
+        raise ModelDirError(f"{file} is not a valid index prior for this model: {_one_line(e)}; train it again "
+                            f"with `cod fit-prior --overwrite`") from None
 
 
 def is_model_dir(path: Path) -> bool:
@@ -273,7 +338,7 @@ def is_model_dir(path: Path) -> bool:
         return False
     if config.get("format") != CONFIG_FORMAT:
         return False
-    names = {"config.json", WEIGHTS_FILE, OBJECTIVE_FILE, "MODEL_CARD.md"}
+    names = {"config.json", WEIGHTS_FILE, OBJECTIVE_FILE, "MODEL_CARD.md", PRIOR_FILE}
     vae_file = (config.get("latent") or {}).get("vae_file") if isinstance(config.get("latent"), dict) else None
     if isinstance(vae_file, str):
         names.add(vae_file)
@@ -418,6 +483,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", vae_path: 
     model = CoDModel(config, denoiser.eval(), None, path)
     model.fingerprint = config["fingerprint"]
     model.vae_path, model.verify = vae_path, verify
+    if config.get("prior") is not None:
+        model.prior = _load_prior(path, config, denoiser.codec.bottleneck.num_codes, verify)
+        model.prior_fingerprint = config["checksums"][PRIOR_FILE]
     return model.to(device)
 
 

@@ -46,7 +46,11 @@ DENOISER_FOR_FAMILY = {"pixel": "PixNerDiT", "latent": "DDT"}
 
 # Files every model directory may contain under these names; a VAE file of the same name would be overwritten
 # (or read as the wrong network) by CoDModel.save and load.
-RESERVED_FILE_NAMES = frozenset({"config.json", "model.safetensors", "objective.safetensors", "MODEL_CARD.md"})
+RESERVED_FILE_NAMES = frozenset({"config.json", "model.safetensors", "objective.safetensors", "MODEL_CARD.md",
+                                 "prior.safetensors"})
+PRIOR_KEYS = ("kind", "file")
+PRIOR_KINDS = ("static", "context")
+MAX_PRIOR_CLUSTERS = 4096
 
 # Size bounds. The released XL presets have hidden 1152, 16 heads, 30 blocks, hidden_x 64, nerf ratio 2, encoder
 # width 128 (cod/models/presets.py); the bounds leave 2-8x headroom per field for new, larger models, and
@@ -93,7 +97,7 @@ _STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]|\\[\s\S]?)*(?:"|\Z)|([\[\]{}])')
 # without breaking older readers; a change that older readers must not ignore raises format_version instead.
 # (No caller passes build_config(extra=...) today; a required key misspelt is still reported as missing.)
 TOP_LEVEL_KEYS = ("format", "format_version", "preset", "family", "denoiser", "latent", "sampling", "fingerprint",
-                  "checksums")
+                  "checksums", "prior")
 LATENT_KEYS = ("vae_preset", "vae_file", "scale")
 
 
@@ -218,6 +222,7 @@ def validate_config(config: object, source: str,
         errors.add("fingerprint", fingerprint, "the sha256 of model.safetensors: 64 lowercase hex digits",
                    required="fingerprint" not in config)
     _check_checksums(config, errors)
+    _check_prior(config, errors)
     if errors:
         listed = errors.items[:MAX_LISTED_ERRORS]
         more = len(errors.items) - len(listed)
@@ -386,6 +391,26 @@ def _check_latent(config: dict, family: str | None, errors: _Errors) -> None:
     lo, hi = LATENT_SCALE_RANGE
     if "scale" in lat and not (_is_number(lat["scale"]) and lo <= lat["scale"] <= hi):
         errors.add("latent.scale", lat["scale"], f"a number in [{lo:g}, {hi:g}] (SD VAE: 0.18215)")
+
+
+def _check_prior(config: dict, errors: _Errors) -> None:
+    """The optional index prior (docs/entropy.md): {"kind", "file": "prior.safetensors", ["clusters"]}, its file's
+    sha256 in checksums."""
+    if config.get("prior") is None:
+        return
+    prior = _check_object(config, "prior", "prior", errors, PRIOR_KEYS, ("clusters",))
+    if prior is None:
+        return
+    if "kind" in prior and prior["kind"] not in PRIOR_KINDS:
+        errors.add("prior.kind", prior["kind"], f"one of {', '.join(map(repr, PRIOR_KINDS))}")
+    if "file" in prior and prior["file"] != "prior.safetensors":
+        errors.add("prior.file", prior["file"], "'prior.safetensors'")
+    elif "file" in prior and not (isinstance(config.get("checksums"), dict) and prior["file"] in config["checksums"]):
+        errors.note("checksums: no sha256 of prior.safetensors (every model directory written by cod records one)")
+    if prior.get("kind") == "context" and not (_is_int(prior.get("clusters"))
+                                              and 1 <= prior["clusters"] <= MAX_PRIOR_CLUSTERS):
+        errors.add("prior.clusters", prior.get("clusters"), f"an integer 1..{MAX_PRIOR_CLUSTERS}",
+                   required="clusters" not in prior)
 
 
 def file_name_problem(name: object, reserved_ok: bool = False) -> str | None:

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from cod.codec import container
-from cod.codec.bitpack import pack_indices, packed_size, unpack_indices
+from cod.codec.bitpack import packed_size
+from cod.codec.coders import EntropyCoder, FixedLengthCoder, no_prior_message
 from cod.codec.container import BitstreamError, DecodeParams, Header
 from cod.compat.official_format import read_official, write_official
 from cod.files import MiB
@@ -27,6 +28,9 @@ from cod.limits import Limits, check_pixels
 from cod.model_config import DETERMINISTIC_SAMPLERS
 
 FORMATS = ("cod", "official")
+# "auto": entropy-code the indices under the model's prior when the model has one and that makes the file smaller;
+# "off": always the fixed-length payload.
+ENTROPY_MODES = ("auto", "off")
 # The SDE samplers draw fresh noise at every step from the global RNG, so a file decoded with them would not
 # give the same pixels twice; the codec offers only the deterministic (ODE) samplers.
 CODEC_SAMPLERS = DETERMINISTIC_SAMPLERS
@@ -45,6 +49,16 @@ def is_cod_file(path) -> bool:
     except OSError:
         return False
     return str(path).lower().endswith(".cod") and stat_module.S_ISREG(st.st_mode) and st.st_size <= MAX_FILE_BYTES
+
+
+def fixed_coder(model) -> FixedLengthCoder:
+    return FixedLengthCoder(model.codec.bits, model.codec.bottleneck.num_codes)
+
+
+def entropy_coder(model) -> EntropyCoder | None:
+    """The model's entropy coder, when its directory has a prior."""
+    prior = getattr(model, "prior", None)
+    return EntropyCoder(prior, model.prior_fingerprint) if prior is not None else None
 
 
 def padded_size(model, height: int, width: int) -> tuple[int, int]:
@@ -135,11 +149,16 @@ def check_compressible(model, height: int, width: int, fmt: str = "cod", limits:
 
 def compress(model, images, fmt: str = "cod", batch_size: int = 1, sampler: str | None = None,
              steps: int | None = None, cfg: float | None = None, seed: int | None = None,
-             limits: Limits = Limits()) -> list[bytes]:
+             limits: Limits = Limits(), entropy: str = "auto") -> list[bytes]:
     """RGB images (HxWx3 uint8 arrays, PIL images, [3,H,W] tensors or a [B,3,H,W] float batch), any size ->
     one file's bytes each. Sampling options are stored in the file when they differ from the model's defaults.
-    Images over limits.max_pixels are refused before any coding work."""
+    Images over limits.max_pixels are refused before any coding work. entropy="auto" codes the indices under the
+    model's prior when it has one and the payload comes out smaller (never in the official format)."""
+    if entropy not in ENTROPY_MODES:
+        raise ValueError(f"entropy must be one of {ENTROPY_MODES}, got '{entropy}'")
     params = stored_params(model, fmt, sampler, steps, cfg, seed)
+    fixed = fixed_coder(model)
+    coder = entropy_coder(model) if entropy == "auto" and fmt == "cod" else None
     arrays = [as_rgb8(image) for image in images]
     for i, arr in enumerate(arrays):
         check_compressible(model, *arr.shape[:2], fmt, limits, name=f"image {i}")
@@ -148,11 +167,31 @@ def compress(model, images, fmt: str = "cod", batch_size: int = 1, sampler: str 
         indices = model.encode(_padded_batch([arrays[i] for i in group], model)).cpu().numpy()
         for i, idx in zip(group, indices):
             H, W = arrays[i].shape[:2]
-            payload = pack_indices(idx, model.codec.bits)
-            out[i] = (write_official(payload, H, W) if fmt == "official" else
-                      container.write(Header(H, W, container.model_tag(model.fingerprint), params=params),
-                                      payload, model.fingerprint))
+            payload = fixed.encode(idx)
+            if fmt == "official":
+                out[i] = write_official(payload, H, W)
+                continue
+            header, key = Header(H, W, container.model_tag(model.fingerprint), params=params), b""
+            if coder is not None:
+                coded = coder.encode(idx)
+                if len(coded) < len(payload):
+                    payload, key = coded, coder.key
+                    header = Header(H, W, header.model_tag, coder.mode, params, coder.payload_type)
+            out[i] = container.write(header, payload, model.fingerprint, key)
     return out
+
+
+def _typed_key(model):
+    def key(header: Header, payload: bytes) -> bytes:
+        if header.payload_type == container.TYPE_ENTROPY_INDICES:
+            coder = entropy_coder(model)
+            if coder is None:
+                raise BitstreamError(no_prior_message(payload))
+            coder.check_tag(payload)
+            return coder.key
+        raise BitstreamError(f"this file holds {container.PAYLOAD_TYPES[header.payload_type]}, not plain indices: "
+                             f"decode it with `cod diffc decompress`")
+    return key
 
 
 def parse(model, data: bytes, fmt: str = "cod", limits: Limits = Limits()) -> tuple[Header, np.ndarray]:
@@ -174,14 +213,13 @@ def parse(model, data: bytes, fmt: str = "cod", limits: Limits = Limits()) -> tu
                                  f"with this model (truncated, corrupted, or another model's file)")
         header = Header(H, W, container.model_tag(model.fingerprint))
     else:
-        header, payload = container.read(data, model.fingerprint, lambda h, w: payload_size(model, h, w))
+        header, payload = container.read(data, model.fingerprint, lambda h, w: payload_size(model, h, w),
+                                         _typed_key(model))
         check_pixels(header.width, header.height, limits.max_pixels, "the file's image")
     ph, pw = padded_size(model, header.height, header.width)
     h, w = ph // model.codec.stride, pw // model.codec.stride
-    indices = unpack_indices(payload, h * w, model.codec.bits).reshape(h, w)
-    if indices.max(initial=0) >= model.codec.bottleneck.num_codes:
-        raise BitstreamError("payload holds indices outside this model's codebook")
-    return header, indices
+    coder = entropy_coder(model) if header.payload_mode == container.PAYLOAD_TYPED else fixed_coder(model)
+    return header, coder.decode(payload, h, w)
 
 
 def decode_options(header: Header, sampler: str | None = None, steps: int | None = None, cfg: float | None = None,

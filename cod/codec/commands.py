@@ -95,6 +95,9 @@ def register(sub) -> None:
     p.add_argument("--format", choices=["cod", "official"], default="cod",
                    help="cod: our checked container, any size (default); official: the release's 4-byte header, "
                         "sides multiples of the model's size multiple only")
+    p.add_argument("--entropy", choices=["auto", "off"], default="auto",
+                   help="auto: entropy-code the indices under the model's prior (prior.safetensors, from "
+                        "`cod fit-prior`) when that gives a smaller file (default); off: fixed-length indices")
     p.set_defaults(func=_cmd_compress)
 
     p = sub.add_parser("decompress", help=".cod files -> PNG images")
@@ -218,7 +221,7 @@ def _cmd_compress(args) -> None:
         group = pending.pop(size)
         try:
             datas = api.compress(model, [image for _, _, image in group], fmt=args.format, batch_size=len(group),
-                                 limits=limits, **_sampling(args))
+                                 limits=limits, entropy=args.entropy, **_sampling(args))
         except Exception as e:  # noqa: BLE001 - one failing batch (e.g. out of memory) must not stop the others
             reason = failure_message(e)
             if reason is None:

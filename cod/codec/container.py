@@ -20,8 +20,12 @@ from dataclasses import dataclass
 from cod.errors import CodError
 
 FORMAT_VERSION = 1
-PAYLOAD_FIXED = 0      # fixed-length indices (cod.codec.bitpack)
-PAYLOAD_ENTROPY = 1    # reserved for the entropy-coded mode
+PAYLOAD_FIXED = 0      # fixed-length indices (cod.codec.bitpack); the payload's length follows from the size
+PAYLOAD_TYPED = 1      # a typed payload: a type byte, then that type's bytes up to the end of the file
+# Typed-payload types: append only, never renumber.
+TYPE_ENTROPY_INDICES = 0x00  # the indices, entropy-coded under the model's prior (docs/entropy.md)
+TYPE_DIFFC = 0x01            # DiffC (docs/diffc.md)
+PAYLOAD_TYPES = {TYPE_ENTROPY_INDICES: "entropy-coded indices", TYPE_DIFFC: "DiffC"}
 MAX_SIDE = 1 << 16
 FLOAT16_MAX = 65504.0  # largest finite IEEE half: the guidance scale is stored as one
 # Decode-parameter sampler ids: append only, never renumber (files store these numbers).
@@ -62,6 +66,7 @@ class Header:
     model_tag: int
     payload_mode: int = PAYLOAD_FIXED
     params: DecodeParams | None = None
+    payload_type: int | None = None  # the type byte of a typed payload (PAYLOAD_TYPED)
 
 
 def model_tag(fingerprint: str) -> int:
@@ -100,8 +105,10 @@ def _read_seed(data: bytes, pos: int) -> tuple[int, int]:
     raise BitstreamError("malformed seed in the decode parameters (corrupted file)")
 
 
-def _check_byte(fingerprint: str, body: bytes) -> int:
-    return zlib.crc32(bytes.fromhex(fingerprint) + body) & 0xFF
+def _check_byte(fingerprint: str, body: bytes, key: bytes = b"") -> int:
+    """Low byte of CRC-32 over the model's fingerprint, any further key (the prior's fingerprint for entropy-coded
+    indices: a file then checks only with the model *and* the prior it was written with) and the file's body."""
+    return zlib.crc32(bytes.fromhex(fingerprint) + key + body) & 0xFF
 
 
 def _header_bits(h: Header) -> bytes:
@@ -117,11 +124,18 @@ def _header_bits(h: Header) -> bytes:
     return (value << pad).to_bytes((nbits + pad) // 8, "big")
 
 
-def write(header: Header, payload: bytes, fingerprint: str) -> bytes:
+def write(header: Header, payload: bytes, fingerprint: str, key: bytes = b"") -> bytes:
+    """A file's bytes. A typed payload (header.payload_mode PAYLOAD_TYPED) starts with its type byte, which must be
+    header.payload_type; `key` is extra bytes the check byte covers (see _check_byte)."""
+    if header.payload_mode == PAYLOAD_TYPED:
+        if not payload or payload[0] != header.payload_type or header.payload_type not in PAYLOAD_TYPES:
+            raise ValueError("a typed payload starts with its known type byte, the header's payload_type")
+    elif header.payload_type is not None or key:
+        raise ValueError("a fixed-length payload has no type and no extra check key")
     head = _header_bits(header)
     params = header.params.encode() if header.params is not None else b""
     body_after_check = params + bytes(payload)
-    check = _check_byte(fingerprint, head + body_after_check)
+    check = _check_byte(fingerprint, head + body_after_check, key)
     return head + bytes([check]) + body_after_check
 
 
@@ -147,8 +161,6 @@ def read_header(data: bytes) -> tuple[Header, int, int]:
     height = ((value >> (8 + n)) & ((1 << n) - 1)) + 1
     if int.from_bytes(data[:head_len], "big") & ((1 << (head_len * 8 - nbits)) - 1):
         raise BitstreamError("non-zero padding bits in the header (corrupted file)")
-    if mode != PAYLOAD_FIXED:
-        raise BitstreamError("this file uses the entropy-coded payload mode, which this cod cannot decode yet")
     params = None
     pos = head_len + 1
     if has_params:
@@ -162,13 +174,25 @@ def read_header(data: bytes) -> tuple[Header, int, int]:
             raise BitstreamError("invalid guidance scale in the decode parameters")
         seed, pos = _read_seed(data, pos + 4)
         params = DecodeParams(SAMPLER_IDS[sampler_id], steps_m1 + 1, float(cfg), seed)
-    return Header(height, width, tag, mode, params), head_len, pos
+    payload_type = None
+    if mode == PAYLOAD_TYPED:
+        if len(data) <= pos:
+            raise BitstreamError("file ends before its payload type (truncated)")
+        payload_type = data[pos]
+        if payload_type not in PAYLOAD_TYPES:
+            raise BitstreamError(f"unknown payload type {payload_type:#04x} (this cod reads "
+                                 f"{', '.join(f'{t:#04x} ({n})' for t, n in PAYLOAD_TYPES.items())}); the file "
+                                 f"is corrupted or needs a newer cod")
+    return Header(height, width, tag, mode, params, payload_type), head_len, pos
 
 
-def read(data: bytes, fingerprint: str, payload_size) -> tuple[Header, bytes]:
-    """Parse and verify a file written for the model with `fingerprint`.
+def read(data: bytes, fingerprint: str, payload_size, typed_key=None) -> tuple[Header, bytes]:
+    """Parse and verify a file written for the model with `fingerprint` -> (header, payload; a typed payload
+    starts with its type byte).
 
-    payload_size(height, width) -> the exact payload length that model writes for that size.
+    payload_size(height, width) -> the exact payload length that model writes for that size (fixed-length mode).
+    typed_key(header, payload) -> the extra bytes the check byte of a typed payload covers; it raises BitstreamError for a
+    type the model cannot decode (say, entropy-coded indices and a model without a prior).
     """
     data = bytes(data)
     header, check_pos, start = read_header(data)
@@ -176,12 +200,19 @@ def read(data: bytes, fingerprint: str, payload_size) -> tuple[Header, bytes]:
         raise BitstreamError(f"this file was written by another model (its model tag is {header.model_tag:02x}; "
                              f"this model's fingerprint is {fingerprint[:16]}..., tag {fingerprint[:2]}): decode it "
                              f"with the model that compressed it")
-    need = payload_size(header.height, header.width)
-    if len(data) - start < need:
-        raise BitstreamError(f"file is truncated: payload has {max(0, len(data) - start)} of {need} bytes")
-    if len(data) - start > need:
-        raise BitstreamError(f"file has {len(data) - start - need} unexpected trailing bytes")
-    if _check_byte(fingerprint, data[:check_pos] + data[check_pos + 1:]) != data[check_pos]:
+    key = b""
+    if header.payload_mode == PAYLOAD_TYPED:
+        if typed_key is None:
+            raise BitstreamError(f"this file holds {PAYLOAD_TYPES[header.payload_type]}, which this reader does "
+                                 f"not decode")
+        key = typed_key(header, data[start:])
+    else:
+        need = payload_size(header.height, header.width)
+        if len(data) - start < need:
+            raise BitstreamError(f"file is truncated: payload has {max(0, len(data) - start)} of {need} bytes")
+        if len(data) - start > need:
+            raise BitstreamError(f"file has {len(data) - start - need} unexpected trailing bytes")
+    if _check_byte(fingerprint, data[:check_pos] + data[check_pos + 1:], key) != data[check_pos]:
         raise BitstreamError("integrity check failed: the file is corrupted (or was written by another model "
                              "whose tag happens to match)")
     return header, data[start:]

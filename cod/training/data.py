@@ -62,7 +62,7 @@ def crop(image: np.ndarray, size: int, train: bool, rng: random.Random) -> torch
     top = rng.randint(0, h - size) if train else (h - size) // 2
     left = rng.randint(0, w - size) if train else (w - size) // 2
     patch = image[top:top + size, left:left + size]
-    return torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1).float().div(255)
+    return torch.from_numpy(np.array(patch, order="C")).permute(2, 0, 1).float().div(255)  # a copy: never read-only
 
 
 def crop_or_skip(image: np.ndarray | None, size: int, train: bool, rng: random.Random,

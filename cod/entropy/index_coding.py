@@ -1,0 +1,41 @@
+"""Index grids <-> rANS streams under an index prior: the prior's schedule says which positions are coded together,
+its contexts which integer table each position uses, and the decoder runs the schedule group by group, so every
+context it computes reads only indices it has already decoded (the same integers the encoder used)."""
+from __future__ import annotations
+
+import numpy as np
+
+from cod.entropy import rans
+from cod.entropy.priors import IndexPrior
+
+
+def _grid(indices, num_codes: int) -> np.ndarray:
+    grid = np.asarray(indices, dtype=np.int64)
+    if grid.ndim != 2:
+        raise ValueError(f"an index grid is 2-D, got shape {grid.shape}")
+    if grid.size and (grid.min() < 0 or grid.max() >= num_codes):
+        raise ValueError(f"indices must lie in 0..{num_codes - 1}")
+    return grid
+
+
+def encode_grid(prior: IndexPrior, indices) -> bytes:
+    """An [h, w] index grid -> the rANS stream of its indices in the prior's schedule."""
+    grid = _grid(indices, prior.num_codes)
+    flat = grid.reshape(-1)
+    groups = prior.schedule(*grid.shape)
+    symbols = np.concatenate([flat[pos] for pos in groups]) if groups else np.zeros(0, np.int64)
+    tables = np.concatenate([prior.contexts(grid, g, pos) for g, pos in enumerate(groups)]) if groups else symbols
+    return rans.encode(symbols, prior.frequency_tables(), tables)
+
+
+def decode_grid(prior: IndexPrior, data: bytes, height: int, width: int) -> np.ndarray:
+    """The rANS stream of an [height, width] grid -> the grid; rans.StreamError when the stream is not one the
+    encoder wrote for a grid of this size under this prior (malformed, truncated, trailing bytes)."""
+    grid = np.zeros((height, width), dtype=np.int64)  # entries of later groups are never read (see contexts)
+    flat = grid.reshape(-1)
+    freqs = prior.frequency_tables()
+    decoder = rans.Decoder(data)
+    for g, pos in enumerate(prior.schedule(height, width)):
+        flat[pos] = decoder.decode(freqs, prior.contexts(grid, g, pos))
+    decoder.finish()
+    return grid
