@@ -50,7 +50,7 @@ RESERVED_FILE_NAMES = frozenset({"config.json", "model.safetensors", "objective.
                                  "prior.safetensors"})
 PRIOR_KEYS = ("kind", "file")
 PRIOR_KINDS = ("static", "context")
-MAX_PRIOR_CLUSTERS = 4096
+MAX_PRIOR_DIM = 256
 
 # Size bounds. The released XL presets have hidden 1152, 16 heads, 30 blocks, hidden_x 64, nerf ratio 2, encoder
 # width 128 (cod/models/presets.py); the bounds leave 2-8x headroom per field for new, larger models, and
@@ -394,11 +394,11 @@ def _check_latent(config: dict, family: str | None, errors: _Errors) -> None:
 
 
 def _check_prior(config: dict, errors: _Errors) -> None:
-    """The optional index prior (docs/entropy.md): {"kind", "file": "prior.safetensors", ["clusters"]}, its file's
+    """The optional index prior (docs/entropy.md): {"kind", "file": "prior.safetensors", ["dim"]}, its file's
     sha256 in checksums."""
     if config.get("prior") is None:
         return
-    prior = _check_object(config, "prior", "prior", errors, PRIOR_KEYS, ("clusters",))
+    prior = _check_object(config, "prior", "prior", errors, PRIOR_KEYS, ("dim",))
     if prior is None:
         return
     if "kind" in prior and prior["kind"] not in PRIOR_KINDS:
@@ -407,10 +407,8 @@ def _check_prior(config: dict, errors: _Errors) -> None:
         errors.add("prior.file", prior["file"], "'prior.safetensors'")
     elif "file" in prior and not (isinstance(config.get("checksums"), dict) and prior["file"] in config["checksums"]):
         errors.note("checksums: no sha256 of prior.safetensors (every model directory written by cod records one)")
-    if prior.get("kind") == "context" and not (_is_int(prior.get("clusters"))
-                                              and 1 <= prior["clusters"] <= MAX_PRIOR_CLUSTERS):
-        errors.add("prior.clusters", prior.get("clusters"), f"an integer 1..{MAX_PRIOR_CLUSTERS}",
-                   required="clusters" not in prior)
+    if prior.get("kind") == "context" and not (_is_int(prior.get("dim")) and 1 <= prior["dim"] <= MAX_PRIOR_DIM):
+        errors.add("prior.dim", prior.get("dim"), f"an integer 1..{MAX_PRIOR_DIM}", required="dim" not in prior)
 
 
 def file_name_problem(name: object, reserved_ok: bool = False) -> str | None:

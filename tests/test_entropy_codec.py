@@ -15,7 +15,7 @@ import cod
 from cod.cli import main
 from cod.codec import container
 from cod.codec.container import BitstreamError
-from cod.entropy.priors import ContextPrior, StaticPrior, kmeans_clusters
+from cod.entropy.priors import ContextPrior, StaticPrior
 from cod.errors import ModelDirError, OutputExistsError
 from cod.model import new_model, write_prior
 
@@ -34,14 +34,13 @@ def fitted_prior(model, images, kind: str = "static") -> ContextPrior | StaticPr
     """A prior set from the indices' frequencies (what fit-prior starts from)."""
     idx = torch.cat([model.encode(torch.from_numpy(i).permute(2, 0, 1)[None].float() / 255) for i in images])
     counts = torch.bincount(idx.reshape(-1), minlength=16).double() + 0.5
-    prior = StaticPrior(16) if kind == "static" else ContextPrior(16, clusters=3)
+    prior = StaticPrior(16) if kind == "static" else ContextPrior(16, dim=8)
     with torch.no_grad():
         logf = (counts / counts.sum()).log().float()
         if kind == "static":
             prior.logits.copy_(logf)
         else:
             prior.base.copy_(logf.expand_as(prior.base))
-            prior.set_clusters(kmeans_clusters(model.codec.bottleneck.embedding.weight.numpy(), 3))
     prior.freeze()
     return prior
 

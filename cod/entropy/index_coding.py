@@ -22,10 +22,16 @@ def encode_grid(prior: IndexPrior, indices) -> bytes:
     """An [h, w] index grid -> the rANS stream of its indices in the prior's schedule."""
     grid = _grid(indices, prior.num_codes)
     flat = grid.reshape(-1)
-    groups = prior.schedule(*grid.shape)
-    symbols = np.concatenate([flat[pos] for pos in groups]) if groups else np.zeros(0, np.int64)
-    tables = np.concatenate([prior.contexts(grid, g, pos) for g, pos in enumerate(groups)]) if groups else symbols
-    return rans.encode(symbols, prior.frequency_tables(), tables)
+    symbols, tables, rows, offset = [], [], [], 0
+    for g, pos in enumerate(prior.schedule(*grid.shape)):
+        freqs, index = prior.group_tables(grid, g, pos)
+        symbols.append(flat[pos])
+        tables.append(freqs)
+        rows.append(index + offset)
+        offset += len(freqs)
+    if not symbols:
+        return rans.encode(np.zeros(0, np.int64), np.ones((1, prior.num_codes), np.int64))
+    return rans.encode(np.concatenate(symbols), np.concatenate(tables), np.concatenate(rows))
 
 
 def decode_grid(prior: IndexPrior, data: bytes, height: int, width: int) -> np.ndarray:
@@ -33,9 +39,9 @@ def decode_grid(prior: IndexPrior, data: bytes, height: int, width: int) -> np.n
     encoder wrote for a grid of this size under this prior (malformed, truncated, trailing bytes)."""
     grid = np.zeros((height, width), dtype=np.int64)  # entries of later groups are never read (see contexts)
     flat = grid.reshape(-1)
-    freqs = prior.frequency_tables()
     decoder = rans.Decoder(data)
     for g, pos in enumerate(prior.schedule(height, width)):
-        flat[pos] = decoder.decode(freqs, prior.contexts(grid, g, pos))
+        freqs, rows = prior.group_tables(grid, g, pos)
+        flat[pos] = decoder.decode(freqs, rows)
     decoder.finish()
     return grid

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from cod.entropy.priors import ContextPrior, IndexPrior, build_prior, kmeans_clusters
+from cod.entropy.priors import ContextPrior, IndexPrior, build_prior
 from cod.errors import InputError, OutputExistsError
 
 # name: (type, default, lowest allowed). conf/prior.yaml spells out the same defaults (a test keeps them equal).
 SETTINGS = {
     "kind": (str, "context", None),
-    "clusters": (int, None, 1),
+    "dim": (int, 32, 1),
     "size": (int, 256, 16),
     "crops": (int, 1, 1),
     "batch_size": (int, 32, 1),
@@ -71,18 +71,16 @@ def encode_folder(model, source: str, size: int, crops: int, train: bool, seed: 
     return torch.stack(grids)
 
 
-def initial_prior(kind: str, model, grids: torch.Tensor, clusters: int | None) -> IndexPrior:
+def initial_prior(kind: str, model, grids: torch.Tensor, dim: int) -> IndexPrior:
     """A prior started from the training indices' frequencies (so training refines, rather than discovers, the
-    static distribution), with the codebook clustered by k-means for a context prior."""
+    static distribution)."""
     num_codes = model.codec.bottleneck.num_codes
-    prior = build_prior(kind, num_codes, **({"clusters": clusters} if kind == "context" else {}))
+    prior = build_prior(kind, num_codes, **({"dim": dim} if kind == "context" else {}))
     counts = torch.bincount(grids.reshape(-1), minlength=num_codes).double() + 0.5
     log_freq = (counts / counts.sum()).log().float()
     with torch.no_grad():
         if isinstance(prior, ContextPrior):
             prior.base.copy_(log_freq.expand_as(prior.base))
-            codebook = model.codec.bottleneck.embedding.weight.detach().cpu().numpy()
-            prior.set_clusters(kmeans_clusters(codebook, prior.clusters))
         else:
             prior.logits.copy_(log_freq)
     return prior
@@ -110,8 +108,6 @@ def load_settings(config: str | None, overrides: dict) -> dict:
     settings.update({k: v for k, v in overrides.items() if v is not None})
     for key, (kind, _, low) in SETTINGS.items():
         value = settings[key]
-        if value is None and key == "clusters":
-            continue
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = settings[key] = float(value)
         if not isinstance(value, kind) or isinstance(value, bool) or (low is not None and value < low):
@@ -142,7 +138,7 @@ def fit_prior(model_dir: str, train: str, val: str | None = None, config: str | 
     held_out = encode_folder(model, val, settings["size"], 1, False, settings["seed"]) if val else None
     say(f"{len(grids)} grids of {tuple(grids.shape[1:])} indices ({bits} bits each); training a {settings['kind']} "
         f"prior for {settings['steps']} steps")
-    prior = initial_prior(settings["kind"], model, grids, settings["clusters"])
+    prior = initial_prior(settings["kind"], model, grids, settings["dim"])
     module = PriorTrainingModule(prior, settings["lr"])
     loader = DataLoader(grids, batch_size=settings["batch_size"],
                         sampler=RandomSampler(grids, replacement=True,
@@ -189,7 +185,7 @@ def register(sub) -> None:
     p.add_argument("--val", help="held-out images to report bits per token on")
     p.add_argument("--config", help=f"settings YAML (default: conf/prior.yaml; keys {', '.join(SETTINGS)})")
     p.add_argument("--kind", choices=["static", "context"], help="static distribution or 2x2 context model")
-    p.add_argument("--clusters", type=positive_int, help="context prior: codeword clusters per neighbour")
+    p.add_argument("--dim", type=positive_int, help="context prior: width of the neighbour embeddings")
     p.add_argument("--steps", type=positive_int, help="optimizer steps")
     p.add_argument("--size", type=positive_int, help="crop size in pixels")
     p.add_argument("--crops", type=positive_int, help="random crops per training image")
