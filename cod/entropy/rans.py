@@ -14,6 +14,8 @@ symbol is negligible (states stay >= 2^32 >> 2^precision).
 """
 from __future__ import annotations
 
+from bisect import bisect_right
+
 import numpy as np
 
 from cod.errors import CodError
@@ -25,6 +27,7 @@ WORD_BITS = 32
 LOWER_BOUND = 1 << 32  # L: phase-1 states live in [L, 2^64)
 MAX_LANES = 1 << 16
 MULTI_LANE_MARKER = 0x00
+START_STATE = 255
 _U64 = np.uint64
 
 
@@ -222,7 +225,7 @@ def encode_lanes(f: np.ndarray, c: np.ndarray, lanes: int, precision: int
         c = np.concatenate([c, np.zeros(pad, dtype=_U64)])
     f = f.reshape(S, J)
     c = c.reshape(S, J)
-    x = np.zeros(J, dtype=_U64)
+    x = np.full(J, START_STATE, dtype=_U64)
     low = np.empty((S, J), dtype=np.uint32)
     emit = np.empty((S, J), dtype=bool)
     top, word, prec = _U64(STATE_BITS - precision), _U64(WORD_BITS), _U64(precision)
@@ -239,6 +242,7 @@ def encode_lanes(f: np.ndarray, c: np.ndarray, lanes: int, precision: int
         x += r
         x += c[t]
     counts = emit.sum(axis=0).astype(np.int64)
+    x[min(n, J):] = 0  # lanes without symbols (n < J) are empty
     words = low.T[emit.T]  # lane after lane, steps ascending = the decoder's reading order
     return x, words, counts
 
@@ -263,8 +267,24 @@ def encode(symbols, freqs, table_index=None, *, lanes=None, precision: int = PRE
     if np.any(f == 0):
         i = int(np.flatnonzero(f == 0)[0])
         raise ValueError(f"symbol {int(s[i])} at position {i} has frequency 0 in its table {int(rows[i])}")
-    states, words, counts = encode_lanes(f, tables.flat_c[flat], J, tables.precision)
-    return assemble(states, words, counts)
+    c = tables.flat_c[flat]
+    if J == 1:
+        return assemble(*encode_one_lane(f.tolist(), c.tolist(), tables.precision))
+    return assemble(*encode_lanes(f, c, J, tables.precision))
+
+
+def encode_one_lane(f: list, c: list, precision: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """encode_lanes for one lane with Python integers: the same arithmetic, much faster than NumPy steps of one
+    element (the usual case: one image's stream)."""
+    x, out = START_STATE, []
+    top, mask = STATE_BITS - precision, (1 << WORD_BITS) - 1
+    for fi, ci in zip(reversed(f), reversed(c)):
+        if x >> top >= fi:
+            out.append(x & mask)
+            x >>= WORD_BITS
+        x = (x // fi << precision) + x % fi + ci
+    words = np.array(out[::-1], dtype=np.uint32)
+    return np.array([x], dtype=_U64), words, np.array([len(out)], dtype=np.int64)
 
 
 # ------------------------------------------------------------------------------------------------------ decoder
@@ -323,6 +343,8 @@ class Decoder:
         out = np.empty(n, dtype=np.int64)
         if n == 0:
             return out
+        if self.lanes == 1:
+            return self._decode_one_lane(tables, rows, out)
         lookup = _Lookup(tables, rows)
         J, i0 = self.lanes, self.position
         M1, prec, top, word = _U64(tables.total - 1), _U64(self.precision), _U64(STATE_BITS - self.precision), \
@@ -354,6 +376,39 @@ class Decoder:
             raise StreamError("stream is corrupted or was decoded with other tables (inconsistent renormalisation)")
         return out
 
+    def _decode_one_lane(self, tables: Tables, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """decode() for one lane with Python integers (the same arithmetic and checks as the NumPy steps)."""
+        prec, top, M1 = self.precision, STATE_BITS - self.precision, tables.total - 1
+        cdf, freqs, K = tables.cdf, tables.freqs, tables.K
+        x, ptr, rem = int(self.x[0]), int(self.ptr[0]), int(self.remaining[0])
+        words = self._words
+        bad = False
+        # per table: its cumulative frequencies as a list, searched with bisect
+        cache: dict[int, tuple[list, list]] = {}
+        for i, row in enumerate(rows.tolist()):
+            entry = cache.get(row)
+            if entry is None:
+                entry = cache[row] = (cdf[row].tolist(), freqs[row].tolist())
+            cum, fr = entry
+            slot = x & M1
+            s = bisect_right(cum, slot, 0, K) - 1
+            f = fr[s]
+            x = f * (x >> prec) + slot - cum[s]
+            need = x < LOWER_BOUND and rem > 0
+            if need:
+                x = x << WORD_BITS | int(words[ptr])
+                ptr += 1
+                rem -= 1
+            if (x >> top >= f) != need:
+                bad = True
+            out[i] = s
+        self.x[0], self.ptr[0], self.remaining[0] = x, ptr, rem
+        self.position += len(rows)
+        if bad:
+            self._broken = True
+            raise StreamError("stream is corrupted or was decoded with other tables (inconsistent renormalisation)")
+        return out
+
     def finish(self) -> None:
         """Raise StreamError unless every word was read and every lane is back at its starting state 0."""
         if self._broken:
@@ -361,7 +416,9 @@ class Decoder:
         if np.any(self.remaining != 0):
             raise StreamError("stream has data left after the last symbol (trailing bytes, corrupted, or more "
                               "symbols than were decoded)")
-        if np.any(self.x != 0):
+        # a lane that coded symbols started at START_STATE; one that coded none (n < lanes) is empty: state 0
+        coded = (self.position - np.arange(self.lanes) + self.lanes - 1) // self.lanes > 0
+        if np.any(self.x != np.where(coded, START_STATE, 0).astype(_U64)):
             raise StreamError("stream does not end where it should (truncated or corrupted)")
 
 
