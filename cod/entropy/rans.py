@@ -187,6 +187,9 @@ class Layout:
             if pos + sum(lengths) != D:
                 what = "truncated" if pos + sum(lengths) > D else "trailing bytes"
                 raise StreamError(f"stream length does not match its lane header ({what})")
+        elif D == 0 and lanes is not None:  # the empty stream (no symbols) has every lane count
+            J = _check_lanes(lanes)
+            pos, lengths = 0, [0] * J
         else:
             J, pos, lengths = 1, 0, [D]
         if lanes is not None and _check_lanes(lanes) != J:
