@@ -61,9 +61,9 @@ class Tables:
         f = np.asarray(freqs)
         if f.ndim == 1:
             f = f[None]
-        if f.ndim != 2 or f.shape[0] < 1 or f.shape[1] < 1:
-            raise ValueError(f"freqs must be a [T, K] (or [K]) integer array with T, K >= 1, got shape {f.shape}")
-        if not np.issubdtype(f.dtype, np.integer):
+        if f.ndim != 2 or f.shape[1] < 1:  # T = 0 is fine for zero symbols (an empty piece of a stream)
+            raise ValueError(f"freqs must be a [T, K] (or [K]) integer array with K >= 1, got shape {f.shape}")
+        if not (np.issubdtype(f.dtype, np.integer) or f.size == 0):
             raise ValueError(f"freqs must hold integers, got dtype {f.dtype}")
         if f.shape[1] > self.total:
             raise ValueError(f"an alphabet of {f.shape[1]} symbols does not fit precision {self.precision}")
