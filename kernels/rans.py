@@ -162,7 +162,7 @@ def _plan(lengths: list[int], lanes_list: list[int], block: int):
 
 def _tables(freqs, precision: int, device) -> tuple[ref.Tables, torch.Tensor, torch.Tensor, torch.Tensor]:
     tables = ref.Tables(freqs, precision)
-    F = torch.from_numpy(tables.freqs.reshape(-1).copy()).to(device)
+    F = torch.from_numpy(tables.freqs.astype(np.int64).reshape(-1)).to(device)
     C = torch.from_numpy(tables.cdf[:, :-1].reshape(-1).copy()).to(device)
     CDF = torch.from_numpy(tables.cdf.reshape(-1).copy()).to(device)
     return tables, F, C, CDF

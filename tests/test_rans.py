@@ -128,7 +128,7 @@ def test_lower_precisions():
         t = rng.integers(0, 3, 400)
         roundtrip(draw(rng, f, t), f, t, precision=precision)
         roundtrip(draw(rng, f, t), f, t, lanes=6, precision=precision)
-    with pytest.raises(ValueError, match="2\\^precision"):  # 2^16 tables are not 2^12 tables
+    with pytest.raises(ValueError, match="sum to 2\\^12"):  # 2^16 tables are not 2^12 tables
         encode([0], quantize_pmf(np.ones((1, 4))), precision=12)
 
 

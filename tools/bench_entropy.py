@@ -83,7 +83,7 @@ def throughput_rows(rng, n: int, lanes: int, repeats: int, precision: int) -> li
     Categorical = constriction.stream.model.Categorical
     rows = []
     for K, per_symbol in ((16, False), (256, False), (16, True), (256, True)):
-        m = min(n, 200_000) if per_symbol else n  # constriction's per-symbol model is slow: fewer symbols
+        m = min(n, 50_000) if per_symbol else n  # per-symbol tables hold n x K entries: fewer symbols
         T = m if per_symbol else 1
         f = quantize_pmf(rng.dirichlet(np.full(K, 0.5), size=T), precision)
         t = np.arange(m) if per_symbol else np.zeros(m, dtype=np.int64)

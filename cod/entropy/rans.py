@@ -67,20 +67,25 @@ class Tables:
             raise ValueError(f"freqs must hold integers, got dtype {f.dtype}")
         if f.shape[1] > self.total:
             raise ValueError(f"an alphabet of {f.shape[1]} symbols does not fit precision {self.precision}")
-        if np.any(f < 0) or np.any(f > self.total):
-            raise ValueError("frequencies must be in [0, 2^precision]")
-        f = f.astype(np.int64)
-        sums = f.sum(axis=1)
+        if f.size and f.min() < 0:
+            raise ValueError("frequencies must be non-negative")
+        self.T, self.K = f.shape
+        self.freqs = f  # as given (any integer dtype): nothing of size T x K is copied but the cumulative table
+        # exclusive cumulative frequencies [T, K + 1] in one pass: c = cdf[r, s], f = cdf[r, s + 1] - cdf[r, s]
+        self.cdf = np.zeros((self.T, self.K + 1), dtype=np.int64)
+        np.cumsum(f, axis=1, out=self.cdf[:, 1:])
+        sums = self.cdf[:, -1]
         if np.any(sums != self.total):
             bad = int(np.flatnonzero(sums != self.total)[0])
             raise ValueError(f"every table must sum to 2^{self.precision} = {self.total}; table {bad} sums to "
                              f"{int(sums[bad])}")
-        self.T, self.K = f.shape
-        self.freqs = f
-        self.cdf = np.zeros((self.T, self.K + 1), dtype=np.int64)
-        np.cumsum(f, axis=1, out=self.cdf[:, 1:])
-        self.flat_f = f.reshape(-1).astype(_U64)
-        self.flat_c = self.cdf[:, :-1].reshape(-1).astype(_U64)
+        self.flat_cdf = self.cdf.reshape(-1)
+
+    def lookup(self, rows: np.ndarray, symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(f, c) as uint64 of each (table row, symbol) pair."""
+        i = rows * (self.K + 1) + symbols
+        c = self.flat_cdf[i]
+        return (self.flat_cdf[i + 1] - c).astype(_U64), c.astype(_U64)
 
 
 def _table_rows(table_index, n: int | None, T: int) -> tuple[np.ndarray, int]:
@@ -265,12 +270,10 @@ def encode(symbols, freqs, table_index=None, *, lanes=None, precision: int = PRE
         return b""
     if s.min() < 0 or s.max() >= tables.K:
         raise ValueError(f"symbols must be in [0, {tables.K})")
-    flat = rows * tables.K + s
-    f = tables.flat_f[flat]
+    f, c = tables.lookup(rows, s)
     if np.any(f == 0):
         i = int(np.flatnonzero(f == 0)[0])
         raise ValueError(f"symbol {int(s[i])} at position {i} has frequency 0 in its table {int(rows[i])}")
-    c = tables.flat_c[flat]
     if J == 1:
         return assemble(*encode_one_lane(f.tolist(), c.tolist(), tables.precision))
     return assemble(*encode_lanes(f, c, J, tables.precision))
@@ -306,11 +309,12 @@ class _Lookup:
         self.steps = max(1, int(K).bit_length())
 
     def __call__(self, rows: np.ndarray, slot: np.ndarray) -> np.ndarray:
-        """rows: int64 table of each lane, slot: uint64 [J] in [0, 2^precision) -> flat index row * K + symbol."""
+        """rows: int64 table of each lane, slot: uint64 in [0, 2^precision) -> the symbol (int64) whose
+        [c, c + f) holds the slot: the largest s with cdf[s] <= slot."""
         K = self.tables.K
         if self.use_table:
-            return rows * K + self.table[(rows << self.tables.precision) + slot.astype(np.int64)]
-        cdf = self.tables.cdf.reshape(-1)
+            return self.table[(rows << self.tables.precision) + slot.astype(np.int64)].astype(np.int64)
+        cdf = self.tables.flat_cdf
         base = rows * (K + 1)
         lo = np.zeros(len(rows), dtype=np.int64)
         hi = np.full(len(rows), K, dtype=np.int64)
@@ -320,7 +324,7 @@ class _Lookup:
             below = cdf[base + mid] <= s
             lo = np.where(below, mid, lo)
             hi = np.where(below, hi, mid)
-        return rows * K + lo
+        return lo
 
 
 class Decoder:
@@ -360,10 +364,11 @@ class Decoder:
             rem = self.remaining[a:b]
             ptr = self.ptr[a:b]
             slot = x & M1
-            flat = lookup(rows[o:o + b - a], slot)
-            out[o:o + b - a] = flat
-            f = tables.flat_f[flat]
-            y = f * (x >> prec) + slot - tables.flat_c[flat]
+            r = rows[o:o + b - a]
+            sym = lookup(r, slot)
+            out[o:o + b - a] = sym
+            f, c = tables.lookup(r, sym)
+            y = f * (x >> prec) + slot - c
             need = (y < LOWER_BOUND) & (rem > 0)
             w = self._words[ptr]
             y = np.where(need, (y << word) | w, y)
@@ -373,7 +378,6 @@ class Decoder:
             ptr += need
             rem -= need
         self.position += n
-        out %= tables.K
         if bad:
             self._broken = True
             raise StreamError("stream is corrupted or was decoded with other tables (inconsistent renormalisation)")
