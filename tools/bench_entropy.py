@@ -5,7 +5,8 @@
     python tools/bench_entropy.py coder --n 1000000 --lanes 2048 --json coder.json
 
 Overhead = code length over the ideal (sum of -log2 f/2^precision under the quantized tables), in % of the ideal,
-for long streams of several distributions, at the default lane count and at --lanes; flush = bytes over the ideal
+for long streams of several distributions, with one lane (the coding loss alone: its flush is ~2 bytes), at the
+default lane count and at --lanes (each lane adds ~4 bytes of flush); flush = bytes over the ideal
 for 256 symbols of a 16-symbol alphabet (a 512x512 image at 0.0039 bpp), over many random streams. Throughput:
 symbols/s and MB/s of coded output for encode and decode of the same symbols and tables by cod's coder and by
 constriction's AnsCoder (its Categorical model built once for one table, and the batched per-symbol model for
@@ -174,7 +175,7 @@ def coder(a) -> dict:
     rng = np.random.default_rng(a.seed)
     result = {"machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
               "precision": a.precision}
-    result["overhead"] = overhead_rows(rng, a.n, [None, a.lanes], a.precision)
+    result["overhead"] = overhead_rows(rng, a.n, [1, None, a.lanes], a.precision)
     table(result["overhead"], f"Code length vs ideal, n = {a.n}")
     result["flush"] = flush_rows(rng, a.trials, a.precision)
     table(result["flush"], "Flush: bytes over the ideal, 256 symbols of 16")

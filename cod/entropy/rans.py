@@ -83,6 +83,10 @@ class Tables:
 
     def lookup(self, rows: np.ndarray, symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(f, c) as uint64 of each (table row, symbol) pair."""
+        if self.T == 1:  # the common case: two gathers from K-entry tables
+            if not hasattr(self, "_row"):
+                self._row = (np.diff(self.cdf[0]).astype(_U64), self.cdf[0, :-1].astype(_U64))
+            return np.take(self._row[0], symbols), np.take(self._row[1], symbols)
         i = rows * (self.K + 1) + symbols
         c = self.flat_cdf[i]
         return (self.flat_cdf[i + 1] - c).astype(_U64), c.astype(_U64)
@@ -200,23 +204,23 @@ class Layout:
         if lanes is not None and _check_lanes(lanes) != J:
             raise StreamError(f"stream has {J} lane(s), {lanes} expected")
         self.lanes = J
-        self.states = np.zeros(J, dtype=_U64)
-        self.counts = np.zeros(J, dtype=np.int64)
-        chunks = []
-        for j, length in enumerate(lengths):
-            k, w = split_lane(length)
-            state = int.from_bytes(data[pos:pos + k], "big")
-            if k and data[pos] == 0:
-                raise StreamError("a lane's state is not in its shortest form (corrupted)")
-            if w and state < LOWER_BOUND:
-                raise StreamError("a lane's state is too small for its words (corrupted)")
-            self.states[j] = state
-            self.counts[j] = w
-            chunks.append(np.frombuffer(data, dtype="<u4", count=w, offset=pos + k))
-            pos += length
-        self.words = (np.concatenate(chunks) if chunks else np.zeros(0, "<u4")).astype(_U64)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        k = np.where(lengths <= 8, lengths, 5 + (lengths - 5) % 4)  # split_lane, for every lane at once
+        self.counts = (lengths - k) // 4
+        lane_pos = pos + np.concatenate([[0], np.cumsum(lengths[:-1])]).astype(np.int64)
+        raw = np.frombuffer(data, dtype=np.uint8)
+        if D and np.any((k > 0) & (raw[np.minimum(lane_pos, D - 1)] == 0)):
+            raise StreamError("a lane's state is not in its shortest form (corrupted)")
+        states = [int.from_bytes(data[p:p + n], "big") for p, n in zip(lane_pos.tolist(), k.tolist())]
+        self.states = np.array(states, dtype=_U64)
+        if np.any((self.counts > 0) & (self.states < LOWER_BOUND)):
+            raise StreamError("a lane's state is too small for its words (corrupted)")
+        # every lane's words, lane after lane: byte offsets gathered in one go
+        total = int(self.counts.sum())
         self.starts = np.zeros(J, dtype=np.int64)
         np.cumsum(self.counts[:-1], out=self.starts[1:])
+        first = np.repeat(lane_pos + k - 4 * self.starts, self.counts) + 4 * np.arange(total)
+        self.words = raw[first[:, None] + np.arange(4)].copy().view("<u4").reshape(-1).astype(_U64)
 
 
 # ------------------------------------------------------------------------------------------------------ encoder
@@ -237,13 +241,14 @@ def encode_lanes(f: np.ndarray, c: np.ndarray, lanes: int, precision: int
     low = np.empty((S, J), dtype=np.uint32)
     emit = np.empty((S, J), dtype=bool)
     top, word, prec = _U64(STATE_BITS - precision), _U64(WORD_BITS), _U64(precision)
-    tmp, q, r = (np.empty(J, dtype=_U64) for _ in range(3))
+    tmp, q, r, shift = (np.empty(J, dtype=_U64) for _ in range(4))
     for t in range(S - 1, -1, -1):
         # renormalise: x must be < f * 2^(64 - precision) so that the new state fits in 64 bits
         np.right_shift(x, top, out=tmp)
         np.greater_equal(tmp, f[t], out=emit[t])
         low[t] = x  # the low word (kept only where emitted)
-        np.right_shift(x, word, out=x, where=emit[t])
+        np.multiply(emit[t], word, out=shift)  # shift by 32 where emitted, by 0 elsewhere (faster than where=)
+        np.right_shift(x, shift, out=x)
         # x <- (x // f) * 2^precision + x % f + c
         np.divmod(x, f[t], out=(q, r))
         np.left_shift(q, prec, out=x)
