@@ -37,7 +37,7 @@ except ImportError:  # CPU-only installs: the reference path still works
 
 INTERPRETED = triton is not None and bool(triton.knobs.runtime.interpret)
 BACKENDS = ("auto", "triton", "reference")
-BLOCK = 128  # lanes per program
+BLOCK = 32  # lanes per program: one warp, so that a batch of one-lane streams still spreads over many SMs
 
 
 if triton is not None:
@@ -211,7 +211,7 @@ def encode_batch(symbols_list, freqs, table_index_list=None, lanes=None, *, prec
     np.cumsum(count[:-1], out=base[1:])
     _encode_kernel[(len(iters),)](SYM, ROWS, F, C, as_t(first), as_t(stride), as_t(count), as_t(base), WORDS, STATE,
                                   WSTART, as_t(iters), n_lanes, tables.K, PREC=tables.precision,
-                                  START=ref.START_STATE, BLOCK=BLOCK)
+                                  START=ref.START_STATE, BLOCK=BLOCK, num_warps=1)
     words = WORDS.cpu().numpy()
     states = STATE.cpu().numpy().view(np.uint64)
     wstart = WSTART.cpu().numpy()
@@ -280,7 +280,7 @@ def decode_batch(data_list, freqs, table_index_list=None, n_list=None, lanes=Non
     _decode_kernel[(len(iters),)](as_t(words), as_t(np.concatenate(rows).astype(np.int32), torch.int32), F, CDF,
                                   as_t(first), as_t(stride), as_t(count), STATE, as_t(word_ptr), WCOUNT, OUT, BAD,
                                   as_t(iters), n_lanes, tables.K, PREC=tables.precision,
-                                  SEARCH=max(1, int(tables.K).bit_length()), BLOCK=BLOCK)
+                                  SEARCH=max(1, int(tables.K).bit_length()), BLOCK=BLOCK, num_warps=1)
     symbols = OUT.cpu().numpy().astype(np.int64)
     states = STATE.cpu().numpy().view(np.uint64)
     left = WCOUNT.cpu().numpy()

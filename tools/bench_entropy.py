@@ -129,7 +129,12 @@ def throughput_rows(rng, n: int, lanes: int, repeats: int, precision: int) -> li
     return rows
 
 
-def gpu_rows(rng, batch: int, n: int, repeats: int, precision: int) -> list[dict]:
+def gpu_rows(rng, batch: int, n: int, repeats: int, precision: int, device: str = "cuda") -> list[dict]:
+    """device="cpu" runs the same path through Triton's interpreter (TRITON_INTERPRET=1; tiny sizes only)."""
+    return [row for lanes in (None, 16) for row in gpu_rows_for(rng, batch, n, repeats, precision, lanes, device)]
+
+
+def gpu_rows_for(rng, batch: int, n: int, repeats: int, precision: int, lanes, device: str) -> list[dict]:
     import torch
 
     from cod.kernels import decode_batch, encode_batch
@@ -138,25 +143,26 @@ def gpu_rows(rng, batch: int, n: int, repeats: int, precision: int) -> list[dict
     cdf = np.cumsum(f, axis=1)
     tis = [rng.integers(0, 4, n) for _ in range(batch)]
     syms = [(cdf[t] <= (rng.random(n) * (1 << precision))[:, None]).sum(1) for t in tis]
-    sync = torch.cuda.synchronize
-    datas = encode_batch(syms, f, tis, backend="triton", device="cuda")  # warm-up: compiles
-    assert datas == [encode(s, f, t, precision=precision) for s, t in zip(syms, tis)], "GPU bytes differ from CPU"
-    out = decode_batch(datas, f, tis, backend="triton", device="cuda")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    datas = encode_batch(syms, f, tis, lanes, backend="triton", device=device)  # warm-up: compiles
+    want = [encode(s, f, t, lanes=lanes, precision=precision) for s, t in zip(syms, tis)]
+    assert datas == want, "GPU bytes differ from CPU"
+    out = decode_batch(datas, f, tis, lanes=lanes, backend="triton", device=device)
     assert all(np.array_equal(a, b) for a, b in zip(out, syms)), "GPU decode differs"
     total = sum(len(d) for d in datas)
 
     def enc():
-        encode_batch(syms, f, tis, backend="triton", device="cuda")
+        encode_batch(syms, f, tis, lanes, backend="triton", device=device)
         sync()
 
     def dec():
-        decode_batch(datas, f, tis, backend="triton", device="cuda")
+        decode_batch(datas, f, tis, lanes=lanes, backend="triton", device=device)
         sync()
     te, td = best(enc, repeats), best(dec, repeats)
-    return [{"streams": batch, "n_per_stream": n, "K": K, "bytes": total, "encode_ms": te * 1e3,
+    return [{"streams": batch, "n_per_stream": n, "lanes": lanes or default_lanes(n), "K": K, "bytes": total, "encode_ms": te * 1e3,
              "decode_ms": td * 1e3, "encode_MB_s": total / te / 1e6, "decode_MB_s": total / td / 1e6,
              "encode_Msym_s": batch * n / te / 1e6, "decode_Msym_s": batch * n / td / 1e6,
-             "device": torch.cuda.get_device_name()}]
+             "device": torch.cuda.get_device_name() if device == "cuda" else "Triton interpreter (CPU)"}]
 
 
 def table(rows: list[dict], title: str) -> None:
