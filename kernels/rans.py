@@ -195,7 +195,9 @@ def encode_batch(symbols_list, freqs, table_index_list=None, lanes=None, *, prec
             raise ValueError("every stream needs 1-D integer symbols and a table_index of the same length")
         if len(s) and (s.min() < 0 or s.max() >= tables.K or np.any(tables.freqs[r, s] == 0)):
             raise ValueError("symbols must be in [0, K) with non-zero frequency in their tables")
-    lanes_list = [ref.default_lanes(n) if lanes is None else ref._check_lanes(lanes) for n in lengths]
+    lanes_list = [ref._check_lanes(lanes) if lanes is not None else
+                  ref.default_lanes(ref.information_bits(tables.lookup(r, s.astype(np.int64))[0], tables.precision))
+                  for s, r in zip(syms, rows)]
     starts, first, stride, count, iters = _plan(lengths, lanes_list, BLOCK)
     N, n_lanes = int(starts[-1]), len(first)
     out = [b""] * len(syms)

@@ -135,11 +135,23 @@ def test_lower_precisions():
 def test_long_multi_lane_stream_uses_the_vectorised_path():
     rng = np.random.default_rng(6)
     n = 70_000
-    assert default_lanes(n) == 16
     f = quantize_pmf(rng.dirichlet(np.ones(256), size=2))
     t = rng.integers(0, 2, n)
-    data = roundtrip(draw(rng, f, t), f, t)
-    assert data[0] == 0 and data[1] == 16  # the multi-lane marker and the lane count
+    s = draw(rng, f, t)
+    bits = rans.information_bits(f[t, s], PRECISION)
+    assert abs(bits - ideal_bits(s, f, t)) <= 1 + n / 256
+    assert default_lanes(bits) == 4  # ~64 KB: one lane per 8 KiB, a power of two
+    data = roundtrip(s, f, t)
+    assert data[0] == 0 and data[1] == 4  # the multi-lane marker and the lane count
+
+
+def test_default_lanes_follow_the_information_not_the_symbol_count():
+    assert [default_lanes(b) for b in (0, 2 ** 17 - 1, 2 ** 17, 2 ** 18, 8 * 500_000, 10 ** 9)] == [1, 1, 2, 4, 32, 256]
+    exact = np.floor(256 * np.log2(np.arange(1, M + 1)))
+    np.testing.assert_array_equal(rans._log2_table(PRECISION)[1:], exact)  # the integer-only log2 table
+    f = np.array([[M - 1, 1]])
+    data = encode(np.zeros(200_000, dtype=np.int64), f)  # 200k symbols of almost no information: one lane
+    assert data[0] != 0 and len(data) <= 8
 
 
 @pytest.mark.parametrize("lanes", [None, 1, 4, 7])
@@ -198,11 +210,14 @@ def test_code_length_is_close_to_ideal():
         f = quantize_pmf(p[None])
         s = draw(rng, f, np.zeros(n, dtype=np.int64))
         ideal = ideal_bits(s, f)
-        J = default_lanes(n)
-        size = len(encode(s, f))
+        data = encode(s, f)
+        J = rans.Layout(data).lanes
+        size = len(data)
         # documented bound: 0.1% of the ideal plus the flush, ~4 bytes a lane (6 allowed) and the lane header
         assert size * 8 <= ideal * 1.001 + 8 * (6 * J + 2 + 3 * J), (size * 8, ideal)
         assert size * 8 >= ideal - 8 * 2 * J  # no coder beats the ideal by more than its lanes' slack
+        one = len(encode(s, f, lanes=1))  # one lane: the coding loss alone plus ~2 bytes of flush
+        assert ideal - 16 <= one * 8 <= ideal * (1 + 1e-5) + 8 * 3, (one * 8, ideal)
 
 
 def test_flush_of_a_short_stream_is_at_most_two_bytes():

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from cod.entropy import decode, encode, ideal_bits, quantize_pmf
-from cod.entropy.rans import default_lanes
+from cod.entropy.rans import Layout
 
 
 def best(fn, repeats: int) -> float:
@@ -55,8 +55,8 @@ def overhead_rows(rng, n: int, lanes_options, precision: int) -> list[dict]:
             s = rng.choice(K, size=n, p=f / f.sum())
             ideal = ideal_bits(s, f)
             for lanes in lanes_options:
-                J = default_lanes(n) if lanes is None else lanes
-                data = encode(s, f, lanes=J, precision=precision)
+                data = encode(s, f, lanes=lanes, precision=precision)
+                J = Layout(data).lanes
                 rows.append({"K": K, "distribution": name, "n": n, "lanes": J, "ideal_bytes": ideal / 8,
                              "bytes": len(data), "over_bytes": len(data) - ideal / 8,
                              "overhead_pct": 100 * (len(data) * 8 - ideal) / ideal if ideal else float("nan")})
@@ -159,7 +159,7 @@ def gpu_rows_for(rng, batch: int, n: int, repeats: int, precision: int, lanes, d
         decode_batch(datas, f, tis, lanes=lanes, backend="triton", device=device)
         sync()
     te, td = best(enc, repeats), best(dec, repeats)
-    return [{"streams": batch, "n_per_stream": n, "lanes": lanes or default_lanes(n), "K": K, "bytes": total, "encode_ms": te * 1e3,
+    return [{"streams": batch, "n_per_stream": n, "lanes": lanes or f"default ({Layout(datas[0]).lanes})", "K": K, "bytes": total, "encode_ms": te * 1e3,
              "decode_ms": td * 1e3, "encode_MB_s": total / te / 1e6, "decode_MB_s": total / td / 1e6,
              "encode_Msym_s": batch * n / te / 1e6, "decode_Msym_s": batch * n / td / 1e6,
              "device": torch.cuda.get_device_name() if device == "cuda" else "Triton interpreter (CPU)"}]

@@ -15,6 +15,7 @@ symbol is negligible (states stay >= 2^32 >> 2^precision).
 from __future__ import annotations
 
 from bisect import bisect_right
+from functools import lru_cache
 
 import numpy as np
 
@@ -35,13 +36,44 @@ class StreamError(CodError):
     """A malformed, truncated, extended or corrupted rANS stream, or one decoded with other tables or lanes."""
 
 
-def default_lanes(n: int) -> int:
-    """The lane count encode() uses for n symbols when none is given: one lane below 2^15 symbols (the smallest
-    streams: no lane header, ~2 bytes of flush), then a power of two giving each lane at least 4096 symbols, at most
-    256 lanes (each lane costs ~4 bytes, so this keeps the flush near 0.1% of a 1-bit-per-symbol stream)."""
-    if n < 1 << 15:
+BYTES_PER_LANE = 1 << 13
+
+
+def default_lanes(info_bits: int) -> int:
+    """The lane count encode() picks for a stream of about `info_bits` bits of information (`information_bits`):
+    one lane below 16 KiB (every image-sized stream: no lane header, ~2 bytes of flush), then a power of two giving
+    each lane at least 8 KiB, at most 256 lanes. Each lane costs ~4.5 bytes of flush, so this keeps the flush
+    under ~0.06% of the stream. The lane count is written in the stream, so the decoder never recomputes this."""
+    lanes = int(info_bits) // (8 * BYTES_PER_LANE)
+    if lanes < 2:
         return 1
-    return int(min(256, 1 << int(n // 4096).bit_length() - 1))
+    return min(256, 1 << lanes.bit_length() - 1)
+
+
+@lru_cache(maxsize=None)
+def _log2_table(precision: int) -> np.ndarray:
+    """floor(256 * log2(f)) for f = 0 .. 2^precision (f = 0 reads as 1), by integer arithmetic alone (bit by bit,
+    squaring a 31-bit fixed-point mantissa), so that the default lane count is the same on every machine."""
+    f = np.arange((1 << precision) + 1, dtype=np.uint64)
+    f[0] = 1
+    e = (np.frexp(f.astype(np.float64))[1] - 1).astype(np.uint64)  # exact: integers below 2^53
+    m = f << (np.uint64(31) - e)  # mantissa in [2^31, 2^32) = [1, 2) with 31 fractional bits
+    out = e << np.uint64(8)
+    for i in range(8):
+        m = (m * m) >> np.uint64(31)  # < 2^64: m < 2^32
+        bit = m >> np.uint64(32)  # 1 if m >= 2
+        out += bit << np.uint64(7 - i)
+        m >>= bit
+    return out.astype(np.int64)
+
+
+def information_bits(f: np.ndarray, precision: int) -> int:
+    """sum(log2(2^precision / f)) over the symbols' frequencies f, in whole bits, by integer arithmetic (within
+    n/256 bits of the exact value; ideal_bits() is the float figure)."""
+    if len(f) == 0:
+        return 0
+    table = _log2_table(precision)
+    return int((len(f) * (precision << 8) - int(table[f.astype(np.int64)].sum())) >> 8)
 
 
 # ----------------------------------------------------------------------------------------------------- validation
@@ -270,7 +302,8 @@ def encode(symbols, freqs, table_index=None, *, lanes=None, precision: int = PRE
     rows, n = _table_rows(table_index, len(s) if table_index is None else None, tables.T)
     if len(rows) != len(s):
         raise ValueError(f"len(table_index) = {len(rows)} does not match len(symbols) = {len(s)}")
-    J = default_lanes(n) if lanes is None else _check_lanes(lanes)
+    if lanes is not None:
+        lanes = _check_lanes(lanes)
     if n == 0:
         return b""
     if s.min() < 0 or s.max() >= tables.K:
@@ -279,6 +312,7 @@ def encode(symbols, freqs, table_index=None, *, lanes=None, precision: int = PRE
     if np.any(f == 0):
         i = int(np.flatnonzero(f == 0)[0])
         raise ValueError(f"symbol {int(s[i])} at position {i} has frequency 0 in its table {int(rows[i])}")
+    J = default_lanes(information_bits(f, tables.precision)) if lanes is None else lanes
     if J == 1:
         return assemble(*encode_one_lane(f.tolist(), c.tolist(), tables.precision))
     return assemble(*encode_lanes(f, c, J, tables.precision))
