@@ -1,16 +1,17 @@
 """The reference rANS coder: interleaved lanes, vectorised across lanes with NumPy. docs/entropy.md is the format.
 
 In brief: 64-bit states, 32-bit renormalisation words, L = 2^32, frequency tables summing to 2^precision. Symbol i
-goes to lane i mod J. Each lane is coded by its own rANS state that starts at 0, so its final state carries only
-information and is written in its minimal number of bytes (big-endian) in front of the lane's words (32-bit,
+goes to lane i mod J. Each lane is coded by its own rANS state, which starts at 255 (below L, so the final state
+carries almost only information; 255 hides in the first coded symbol's unused slot room and gives the decoder a
+value to end on) and is written in its fewest bytes (big-endian) in front of the lane's words (32-bit,
 little-endian, in the order the decoder reads them); the decoder knows from the lane's word count when the words
 are exhausted, which mirrors the encoder's first renormalisation. A one-lane stream is exactly that lane's bytes:
 the split between state bytes and words follows from the length alone. A stream of J >= 2 lanes starts with a
 0x00 byte (a one-lane stream never does), then J and the J lane lengths as LEB128 varints, then the lanes.
 
-Cost: with one lane (the default below 2^15 symbols) the stream is the ideal code length plus about 1.5-2 bytes
-(the state's start from 0 and the last byte's rounding); each further lane adds about 4 bytes. The coding loss per
-symbol is negligible (states stay >= 2^32 >> 2^precision).
+Cost: one lane (the default below 16 KiB of information) is the ideal code length plus about 2 bytes (the first
+coded symbol's start-up and the last byte's rounding); each further lane adds about 4.5 bytes. The coding loss
+per symbol is negligible (states stay >= 2^32 >> 2^precision).
 """
 from __future__ import annotations
 
@@ -99,8 +100,8 @@ class Tables:
             raise ValueError(f"freqs must hold integers, got dtype {f.dtype}")
         if f.shape[1] > self.total:
             raise ValueError(f"an alphabet of {f.shape[1]} symbols does not fit precision {self.precision}")
-        if f.size and f.min() < 0:
-            raise ValueError("frequencies must be non-negative")
+        if f.size and (f.min() < 0 or f.max() > self.total):  # also keeps the sums below 2^63
+            raise ValueError(f"frequencies must be in [0, 2^{self.precision}]")
         self.T, self.K = f.shape
         self.freqs = f  # as given (any integer dtype): nothing of size T x K is copied but the cumulative table
         # exclusive cumulative frequencies [T, K + 1] in one pass: c = cdf[r, s], f = cdf[r, s + 1] - cdf[r, s]
