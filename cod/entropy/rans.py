@@ -383,6 +383,8 @@ class Decoder:
         self._broken = False
 
     def decode(self, freqs, table_index=None, n=None) -> np.ndarray:
+        if self._broken:
+            raise StreamError("stream is corrupted or was decoded with other tables")
         tables = Tables(freqs, self.precision)
         if tables.precision != self.precision:
             raise ValueError("tables and decoder precision differ")
