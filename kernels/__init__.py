@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .attention import FusedAttention, attention_reference, attention_triton_forward, triton
+from .rans import decode_batch, decode_batch_reference, encode_batch, encode_batch_reference
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -42,4 +43,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     return attention_reference(q, k, v, scale)
 
 
-__all__ = ["attention", "attention_reference", "attention_triton_forward", "has_triton", "BACKENDS"]
+__all__ = ["attention", "attention_reference", "attention_triton_forward", "has_triton", "BACKENDS", "encode_batch",
+           "decode_batch", "encode_batch_reference", "decode_batch_reference"]
