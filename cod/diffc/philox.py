@@ -115,3 +115,13 @@ def partition_keys(seed: int, k: int, size: int) -> np.ndarray:
 def arrival_uniforms(seed: int, k: int, chunk: int, count: int) -> np.ndarray:
     """uint32 [count]: U_n of chunk `chunk` at step k (the encoder's private arrival times)."""
     return stream_words(seed, ARRIVALS, k, chunk, 0, count)[0]
+
+
+def candidate_normals_rows(seed: int, k: int, chunks, candidates, dims: int) -> np.ndarray:
+    """float32 [rows, dims]: candidate candidates[i] of chunk chunks[i] (one row each): the decoder's
+    regeneration, through the compiled kernel when there is one (identical bits)."""
+    from cod.kernels import diffc_cpu
+
+    if diffc_cpu.available():
+        return diffc_cpu.stream(seed, c3_word(CANDIDATES, k), chunks, candidates, dims, True)
+    return stream_normals(seed, CANDIDATES, k, chunks, candidates, dims)
