@@ -175,6 +175,7 @@ def parse(model, data: bytes, fmt: str = "cod", limits: Limits = Limits()) -> tu
         header = Header(H, W, container.model_tag(model.fingerprint))
     else:
         header, payload = container.read(data, model.fingerprint, lambda h, w: payload_size(model, h, w))
+        container.require_mode(header, None)
         check_pixels(header.width, header.height, limits.max_pixels, "the file's image")
     ph, pw = padded_size(model, header.height, header.width)
     h, w = ph // model.codec.stride, pw // model.codec.stride

@@ -21,7 +21,12 @@ from cod.errors import CodError
 
 FORMAT_VERSION = 1
 PAYLOAD_FIXED = 0      # fixed-length indices (cod.codec.bitpack)
-PAYLOAD_ENTROPY = 1    # reserved for the entropy-coded mode
+PAYLOAD_TYPED = 1      # a typed payload: its first byte names what follows (PAYLOAD_TYPES), to the end of the file
+PAYLOAD_ENTROPY = PAYLOAD_TYPED  # the name this mode had while it was reserved
+# Typed payloads (mode 1). The one place that knows them: add a type here, and its decoder where files are parsed.
+TYPE_ENTROPY_INDICES = 0x00  # reserved: entropy-coded VQ indices (planned)
+TYPE_DIFFC = 0x01            # DiffC: reverse-channel coded diffusion states (cod.diffc, docs/diffc.md)
+PAYLOAD_TYPES = {TYPE_DIFFC: "DiffC"}
 MAX_SIDE = 1 << 16
 FLOAT16_MAX = 65504.0  # largest finite IEEE half: the guidance scale is stored as one
 # Decode-parameter sampler ids: append only, never renumber (files store these numbers).
@@ -62,6 +67,7 @@ class Header:
     model_tag: int
     payload_mode: int = PAYLOAD_FIXED
     params: DecodeParams | None = None
+    payload_type: int | None = None  # mode 1: the payload's first byte (set by read)
 
 
 def model_tag(fingerprint: str) -> int:
@@ -147,8 +153,6 @@ def read_header(data: bytes) -> tuple[Header, int, int]:
     height = ((value >> (8 + n)) & ((1 << n) - 1)) + 1
     if int.from_bytes(data[:head_len], "big") & ((1 << (head_len * 8 - nbits)) - 1):
         raise BitstreamError("non-zero padding bits in the header (corrupted file)")
-    if mode != PAYLOAD_FIXED:
-        raise BitstreamError("this file uses the entropy-coded payload mode, which this cod cannot decode yet")
     params = None
     pos = head_len + 1
     if has_params:
@@ -162,13 +166,23 @@ def read_header(data: bytes) -> tuple[Header, int, int]:
             raise BitstreamError("invalid guidance scale in the decode parameters")
         seed, pos = _read_seed(data, pos + 4)
         params = DecodeParams(SAMPLER_IDS[sampler_id], steps_m1 + 1, float(cfg), seed)
-    return Header(height, width, tag, mode, params), head_len, pos
+    payload_type = None
+    if mode == PAYLOAD_TYPED:
+        if len(data) <= pos:
+            raise BitstreamError("file ends before its payload type (truncated)")
+        payload_type = data[pos]
+        if payload_type not in PAYLOAD_TYPES:
+            what = ("entropy-coded VQ indices, which this cod cannot decode yet" if payload_type == TYPE_ENTROPY_INDICES
+                    else f"an unknown payload type 0x{payload_type:02x} (a newer cod's file, or corrupted)")
+            raise BitstreamError(f"this file holds {what}")
+    return Header(height, width, tag, mode, params, payload_type), head_len, pos
 
 
 def read(data: bytes, fingerprint: str, payload_size) -> tuple[Header, bytes]:
     """Parse and verify a file written for the model with `fingerprint`.
 
-    payload_size(height, width) -> the exact payload length that model writes for that size.
+    payload_size(height, width) -> the exact payload length that model writes for that size (mode 0). A typed
+    payload (mode 1) runs to the end of the file, type byte included; its decoder checks its length.
     """
     data = bytes(data)
     header, check_pos, start = read_header(data)
@@ -176,12 +190,26 @@ def read(data: bytes, fingerprint: str, payload_size) -> tuple[Header, bytes]:
         raise BitstreamError(f"this file was written by another model (its model tag is {header.model_tag:02x}; "
                              f"this model's fingerprint is {fingerprint[:16]}..., tag {fingerprint[:2]}): decode it "
                              f"with the model that compressed it")
-    need = payload_size(header.height, header.width)
-    if len(data) - start < need:
-        raise BitstreamError(f"file is truncated: payload has {max(0, len(data) - start)} of {need} bytes")
-    if len(data) - start > need:
-        raise BitstreamError(f"file has {len(data) - start - need} unexpected trailing bytes")
+    if header.payload_mode == PAYLOAD_FIXED:
+        need = payload_size(header.height, header.width)
+        if len(data) - start < need:
+            raise BitstreamError(f"file is truncated: payload has {max(0, len(data) - start)} of {need} bytes")
+        if len(data) - start > need:
+            raise BitstreamError(f"file has {len(data) - start - need} unexpected trailing bytes")
     if _check_byte(fingerprint, data[:check_pos] + data[check_pos + 1:]) != data[check_pos]:
         raise BitstreamError("integrity check failed: the file is corrupted (or was written by another model "
                              "whose tag happens to match)")
     return header, data[start:]
+
+
+def require_mode(header: Header, payload_type: int | None) -> None:
+    """Refuse a file whose payload another decoder reads (payload_type None: the fixed-length indices)."""
+    if header.payload_type == payload_type:
+        return
+    if header.payload_type == TYPE_DIFFC:
+        raise BitstreamError("this is a DiffC file: decode it with `cod diffc decompress`")
+    if payload_type == TYPE_DIFFC:
+        raise BitstreamError("this is not a DiffC file (it holds the CoD indices alone): decode it with "
+                             "`cod decompress`")
+    raise BitstreamError(f"this file's payload ({PAYLOAD_TYPES.get(header.payload_type, 'fixed-length indices')}) "
+                         f"is not what this decoder reads")
