@@ -73,6 +73,9 @@ class Encoded:
     budgets: list[int]                   # n_k per step
     kl_bits: list[float]                 # the measured KL of each step (before any clamp)
     code_bits: float                     # the stream's model code length
+    chosen: list[list[int]] = field(default_factory=list)  # the chunk indices of each step
+    vq: bytes = b""                      # the packed VQ indices (conditional prior)
+    states: dict = field(default_factory=dict)  # K -> x after K steps, for the K asked for in compress(keep=)
     image: np.ndarray | None = None      # the decoder's output, when compress(reconstruct=True)
     sample: torch.Tensor | None = None   # the final model-space sample, when reconstructed
     seconds: dict = field(default_factory=dict)
@@ -218,14 +221,15 @@ def fixed_bytes(model, geo: Geometry, fields: Fields, params: DecodeParams | Non
 def compress(model, image, *, steps: int | None = None, recon_t: float | None = None, bpp: float | None = None,
              seed: int = 0, conditional: bool = True, padding: int = 2, max_bits: int = 16,
              params: DecodeParams | None = None, backend: str = "auto", reconstruct: bool = False,
-             limits: Limits = Limits(), on_step: StepCallback | None = None) -> Encoded:
+             limits: Limits = Limits(), on_step: StepCallback | None = None, keep=()) -> Encoded:
     """An RGB image (HxWx3 uint8 array, PIL image, tensor) -> a DiffC .cod file.
 
     Rate: exactly one of steps (K), recon_t (the release's recon timestep: K = 1 + the first schedule index with
     T_k <= recon_t) or bpp (stop at the first step whose running file size reaches this many bits per pixel;
     the whole schedule if it never does). seed is the Philox key (stored in the file's decode parameters when not
     0). params: explicit denoise parameters to store (sampler, steps, cfg, seed). reconstruct: also run the
-    decoder's denoise and return its image (what decompress will give, bit for bit on this device)."""
+    decoder's denoise and return its image (what decompress will give, bit for bit on this device). keep: step
+    counts K whose state x_K to return in Encoded.states (an RD sweep denoises each; see evaluate)."""
     if sum(v is not None for v in (steps, recon_t, bpp)) != 1:
         raise ValueError("give exactly one of steps, recon_t or bpp")
     check_chunk_parameters(max_bits, padding)
@@ -265,7 +269,9 @@ def compress(model, image, *, steps: int | None = None, recon_t: float | None = 
     backend = pfr.resolve_backend(backend, device)
     coder = StreamEncoder(D, max_bits, padding)
     base_bits = 8 * fixed_bytes(model, geo, fields, params)
-    budgets, kls = [], []
+    budgets, kls, chosen_steps, states = [], [], [], {}
+    if 0 in keep:
+        states[0] = None
     x = _to_device(philox.initial_noise(seed, D), geo, device)
     t = 0.0
     for k in range(K_max):
@@ -294,6 +300,9 @@ def compress(model, image, *, steps: int | None = None, recon_t: float | None = 
         coder.add_step(n, chosen)
         budgets.append(n)
         kls.append(kl)
+        chosen_steps.append(chosen)
+        if k + 1 in keep:
+            states[k + 1] = x.clone()
         t = t_next
         total = base_bits + coder.bits
         if on_step is not None:
@@ -301,19 +310,36 @@ def compress(model, image, *, steps: int | None = None, recon_t: float | None = 
                      "bpp": total / (H * W), "seconds": time.perf_counter() - clock["start"]})
         if bpp is not None and total >= bpp * H * W:
             break
+    if 0 in states:
+        states[0] = _to_device(philox.initial_noise(seed, D), geo, device)
     fields = Fields(conditional, 0, max_bits, padding, len(budgets))
     vq = pack_indices(indices[0].numpy(), model.codec.bits) if conditional else b""
-    payload = fields.encode() + vq + coder.to_bytes()
-    data = container.write(Header(H, W, container.model_tag(model.fingerprint), container.PAYLOAD_TYPED, params),
-                           payload, model.fingerprint)
+    data = write_file(model, H, W, fields, params, vq, coder.to_bytes())
     clock["encode"] = time.perf_counter() - clock["start"]
-    out = Encoded(data, fields, budgets, kls, coder.bits, seconds={"encode": clock["encode"]})
+    out = Encoded(data, fields, budgets, kls, coder.bits, chosen_steps, vq, states,
+                  seconds={"encode": clock["encode"]})
     if reconstruct:
         sampler, grid, cfg = denoise_plan(model, fields, params)
         out.sample = denoise(model, x, grid, sampler, cfg, cond, uncond)
         out.image = _to_image(model, out.sample, geo)
         out.seconds["denoise"] = time.perf_counter() - clock["start"] - clock["encode"]
     return out
+
+
+def write_file(model, height: int, width: int, fields: Fields, params: DecodeParams | None, vq: bytes,
+               coded: bytes) -> bytes:
+    header = Header(height, width, container.model_tag(model.fingerprint), container.PAYLOAD_TYPED, params)
+    return container.write(header, fields.encode() + vq + coded, model.fingerprint)
+
+
+def prefix_file(model, height: int, width: int, enc: Encoded, K: int, params: DecodeParams | None = None) -> bytes:
+    """The file of the first K steps of an encode (DiffC is progressive: it decodes to the chain's state x_K)."""
+    from cod.diffc.stream import encode_steps
+
+    fields = Fields(enc.fields.conditional, enc.fields.schedule, enc.fields.max_bits, enc.fields.padding, K)
+    geo = geometry(model, height, width)
+    coded = encode_steps(list(zip(enc.budgets[:K], enc.chosen[:K])), geo.dims, fields.max_bits, fields.padding)
+    return write_file(model, height, width, fields, params, enc.vq, coded)
 
 
 def _to_image(model, x: torch.Tensor, geo: Geometry) -> np.ndarray:
