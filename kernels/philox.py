@@ -71,8 +71,10 @@ if triton is not None:
         c0 = q.to(tl.uint32)
         c1 = tl.zeros([BLOCK_Q], tl.uint32) + tl.load(c1_ptr + row).to(tl.uint32)
         c2 = tl.zeros([BLOCK_Q], tl.uint32) + tl.load(c2_ptr + row).to(tl.uint32)
-        c3v = tl.zeros([BLOCK_Q], tl.uint32) + c3.to(tl.uint32)
-        w0, w1, w2, w3 = _philox(c0, c1, c2, c3v, seed.to(tl.uint32), tl.zeros([], tl.uint32))
+        # seed and c3 may arrive as constexprs (Triton specialises some integer values): make them uint32 tensors
+        c3v = tl.zeros([BLOCK_Q], tl.uint32) + (c3 + tl.zeros([], tl.int64)).to(tl.uint32)
+        key0 = (seed + tl.zeros([], tl.int64)).to(tl.uint32)
+        w0, w1, w2, w3 = _philox(c0, c1, c2, c3v, key0, tl.zeros([], tl.uint32))
         base = out_ptr + row.to(tl.int64) * length
         j = q.to(tl.int64) * 4
         if NORMALS:
@@ -100,8 +102,8 @@ if triton is not None:
         out = tl.load(chunk_out_ptr + c)      # int64
         c1 = tl.zeros([BLOCK_N, BLOCK_Q], tl.uint32) + n.to(tl.uint32)[:, None]
         c2 = tl.zeros([BLOCK_N, BLOCK_Q], tl.uint32) + c.to(tl.uint32)
-        c3v = tl.zeros([BLOCK_N, BLOCK_Q], tl.uint32) + c3.to(tl.uint32)
-        key0 = seed.to(tl.uint32)
+        c3v = tl.zeros([BLOCK_N, BLOCK_Q], tl.uint32) + (c3 + tl.zeros([], tl.int64)).to(tl.uint32)
+        key0 = (seed + tl.zeros([], tl.int64)).to(tl.uint32)
         key1 = tl.zeros([], tl.uint32)
         acc = tl.zeros([BLOCK_N, BLOCK_Q], tl.float32)
         for q0 in range(0, (d + 3) // 4, BLOCK_Q):
