@@ -87,3 +87,20 @@ def test_evaluate_writes_the_sweep(workdir, capsys):
     assert main(["diffc", "evaluate", "--model", str(workdir / "model"), str(workdir / "b.png"), "--steps", "1",
                  "--out-dir", str(out)]) == 1
     one_error(capsys, "--overwrite")
+
+
+def test_benchmark_script_runs(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out_json = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "tools/bench_diffc.py", "--preset", "tiny-pixel", "--size", "32",
+                             "--count", "1", "--steps", "0,1", "--threads", "1", "--json", str(out_json)],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(out_json.read_text())["sweep"]["summary"]
+    assert [s["K"] for s in summary] == [0, 1]
