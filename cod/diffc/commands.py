@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from cod.codec.commands import (add_limit_arguments, add_overwrite_argument, failure_message, limits_from,
-                                load_model, non_negative_int, positive_float, positive_int, _finish, _read,
+                                load_model, non_negative_int, positive_float, _finish, _read,
                                 _targets)
 from cod.images import IMAGE_SUFFIXES, collect_inputs
 
