@@ -174,9 +174,10 @@ def _command_modules():
     """Subcommands that live with their concept (codec product, training) register themselves here."""
     from cod import demo
     from cod.codec import commands as codec_commands
+    from cod.diffc import commands as diffc_commands
     from cod.training import prior
 
-    return [codec_commands.register, demo.register, prior.register]
+    return [codec_commands.register, diffc_commands.register, prior.register, demo.register]
 
 
 def run(func, *args) -> int:

@@ -128,8 +128,8 @@ def write(header: Header, payload: bytes, fingerprint: str, key: bytes = b"") ->
     """A file's bytes. A typed payload (header.payload_mode PAYLOAD_TYPED) starts with its type byte, which must be
     header.payload_type; `key` is extra bytes the check byte covers (see _check_byte)."""
     if header.payload_mode == PAYLOAD_TYPED:
-        if not payload or payload[0] != header.payload_type or header.payload_type not in PAYLOAD_TYPES:
-            raise ValueError("a typed payload starts with its known type byte, the header's payload_type")
+        if not payload or header.payload_type not in (None, payload[0]):
+            raise ValueError("a typed payload starts with its type byte (the header's payload_type, when given)")
     elif header.payload_type is not None or key:
         raise ValueError("a fixed-length payload has no type and no extra check key")
     head = _header_bits(header)
@@ -191,8 +191,9 @@ def read(data: bytes, fingerprint: str, payload_size, typed_key=None) -> tuple[H
     starts with its type byte).
 
     payload_size(height, width) -> the exact payload length that model writes for that size (fixed-length mode).
-    typed_key(header, payload) -> the extra bytes the check byte of a typed payload covers; it raises BitstreamError for a
-    type the model cannot decode (say, entropy-coded indices and a model without a prior).
+    typed_key(header, payload) -> the extra bytes the check byte of a typed payload covers; it raises BitstreamError
+    for a type the caller cannot decode (say, entropy-coded indices and a model without a prior). Without it, a typed
+    payload is checked with no extra key (DiffC), and entropy-coded indices are refused.
     """
     data = bytes(data)
     header, check_pos, start = read_header(data)
@@ -202,10 +203,10 @@ def read(data: bytes, fingerprint: str, payload_size, typed_key=None) -> tuple[H
                              f"with the model that compressed it")
     key = b""
     if header.payload_mode == PAYLOAD_TYPED:
-        if typed_key is None:
-            raise BitstreamError(f"this file holds {PAYLOAD_TYPES[header.payload_type]}, which this reader does "
-                                 f"not decode")
-        key = typed_key(header, data[start:])
+        if typed_key is not None:
+            key = typed_key(header, data[start:])
+        elif header.payload_type == TYPE_ENTROPY_INDICES:
+            raise BitstreamError("this file holds entropy-coded indices, not DiffC: decode it with `cod decompress`")
     else:
         need = payload_size(header.height, header.width)
         if len(data) - start < need:
@@ -216,3 +217,16 @@ def read(data: bytes, fingerprint: str, payload_size, typed_key=None) -> tuple[H
         raise BitstreamError("integrity check failed: the file is corrupted (or was written by another model "
                              "whose tag happens to match)")
     return header, data[start:]
+
+
+def require_mode(header: Header, payload_type: int | None) -> None:
+    """Refuse a file whose payload another decoder reads (payload_type None: the fixed-length indices)."""
+    if header.payload_type == payload_type:
+        return
+    if header.payload_type == TYPE_DIFFC:
+        raise BitstreamError("this is a DiffC file: decode it with `cod diffc decompress`")
+    if payload_type == TYPE_DIFFC:
+        raise BitstreamError("this is not a DiffC file (it holds the CoD indices alone): decode it with "
+                             "`cod decompress`")
+    raise BitstreamError(f"this file's payload ({PAYLOAD_TYPES.get(header.payload_type, 'fixed-length indices')}) "
+                         f"is not what this decoder reads")
