@@ -3,6 +3,8 @@ conditional and null-condition priors), the rate is the model code length plus f
 every malformed payload refused with one BitstreamError before any network call."""
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import numpy as np
@@ -49,6 +51,7 @@ def image(h, w, seed=0):
 def rewrap(model, data: bytes, edit) -> bytes:
     """The file with its payload edited and a valid check byte (so the payload checks themselves are reached)."""
     header, payload = container.read(data, model.fingerprint, lambda h, w: 0)
+    header = dataclasses.replace(header, payload_type=None)  # the edit may change the type byte
     return container.write(header, edit(bytearray(payload)), model.fingerprint)
 
 
