@@ -1,7 +1,8 @@
 """The compiled CPU path of DiffC's candidate scoring (kernels/diffc_cpu.c), built with the system C compiler
 at first use and cached; cod.diffc.philox is its NumPy reference (bit-identical words and normals).
 
-The library is cached in cod's private cache folder under a name that hashes the source, the compiler's
+The library is cached in cod's private cache folder (or, when there is none, built into a fresh private temporary
+folder for this process) under a name that hashes the source, the compiler's
 version, the flags and this CPU's feature flags (it is built for the machine it runs on: -march=native), so a
 cache shared between machines never runs code built for another CPU. Without a C compiler `available()` is
 False and cod.diffc uses NumPy (about 10x slower). COD_DIFFC_CPU=numpy forces that.
@@ -52,8 +53,11 @@ def _build() -> ctypes.CDLL:
     from cod.files import private_cache_dir
 
     folder = private_cache_dir()
-    folder = folder / "kernels" if folder is not None else Path(tempfile.gettempdir()) / f"cod-kernels-{os.getuid()}"
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if folder is not None:
+        folder = folder / "kernels"
+        folder.mkdir(exist_ok=True, mode=0o700)
+    else:  # no private cache: a fresh folder of this process's own (a shared, predictable path could be planted)
+        folder = Path(tempfile.mkdtemp(prefix="cod-kernels-"))
     lib = folder / f"diffc_cpu-{key}.so"
     if not lib.exists():
         tmp = folder / f".diffc_cpu-{key}-{os.getpid()}.so"
