@@ -12,7 +12,13 @@ symbols/s and MB/s of coded output for encode and decode of the same symbols and
 constriction's AnsCoder (its Categorical model built once for one table, and the batched per-symbol model for
 per-symbol tables), with the ratio measured in the same run. With --device cuda, the Triton coder codes --batch
 streams of --batch-n 8-bit symbols at once and is checked byte for byte against the CPU coder.
-(The per-model "bits per image vs fixed-length" section is to be added as another subcommand.)
+
+`models` measures what a trained prior saves on real files: for each model directory with a prior (cod fit-prior),
+the payload bytes of every image of each --data folder coded fixed-length and entropy-coded (the encoder keeps the
+smaller), the index bits under the prior's integer tables, and the round trip (the entropy-coded indices decode to
+the fixed-length ones):
+
+    python tools/bench_entropy.py models --model DIR [--model DIR2] --data ../shared/data/kodak [--json models.json]
 """
 from __future__ import annotations
 
@@ -243,6 +249,47 @@ def coder(a) -> dict:
     return result
 
 
+def models(a) -> dict:
+    import cod
+    from cod.codec import api, container
+    from cod.images import IMAGE_SUFFIXES, read_image
+
+    result = {"machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"), "rows": []}
+    for model_dir in a.model:
+        model = cod.load(model_dir)
+        if model.prior is None:
+            raise SystemExit(f"{model_dir} has no prior: train one with `cod fit-prior --model {model_dir} ...`")
+        for folder in a.data:
+            files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[: a.limit]
+            fixed = coded = tokens = 0
+            ideal = 0.0
+            chosen = 0
+            seconds = 0.0
+            for path in files:
+                image = read_image(path)
+                data_fixed = api.compress(model, [image], entropy="off")[0]
+                start = time.perf_counter()
+                data = api.compress(model, [image])[0]
+                seconds += time.perf_counter() - start
+                _, idx_fixed = api.parse(model, data_fixed)
+                header, idx = api.parse(model, data)
+                assert np.array_equal(idx, idx_fixed), f"{path}: entropy-coded indices differ"
+                tokens += idx.size
+                fixed += api.payload_size(model, header.height, header.width)
+                coded += len(data) - container.read_header(data)[2]  # the payload (type and tag bytes included)
+                chosen += header.payload_mode == container.PAYLOAD_TYPED
+                ideal += model.prior.table_bits(idx)
+            bits = model.codec.bits
+            result["rows"].append({
+                "model": Path(model_dir).name, "prior": model.prior.kind, "bits/index": bits, "bpp": model.bpp,
+                "data": Path(folder).name, "images": len(files), "indices": tokens,
+                "prior bits/index": ideal / tokens, "payload bytes fixed": fixed, "payload bytes cod": coded,
+                "saving %": 100 * (1 - coded / fixed), "entropy-coded files": chosen,
+                "compress s/image": seconds / max(1, len(files))})
+    table(result["rows"], "Payload with the prior vs fixed-length")
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="section", required=True)
@@ -257,8 +304,13 @@ def main() -> None:
     c.add_argument("--batch-n", type=int, default=1024, help="GPU: symbols per stream")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--json", type=Path, help="also write the results here")
+    m = sub.add_parser("models", help="payload bits of trained models with priors vs fixed-length")
+    m.add_argument("--model", action="append", required=True, help="model directory with a prior (repeatable)")
+    m.add_argument("--data", action="append", required=True, help="image folder (repeatable)")
+    m.add_argument("--limit", type=int, default=None, help="at most this many images per folder")
+    m.add_argument("--json", type=Path, help="also write the results here")
     a = ap.parse_args()
-    result = {"coder": coder}[a.section](a)
+    result = {"coder": coder, "models": models}[a.section](a)
     if a.json:
         a.json.write_text(json.dumps(result, indent=2))
 
