@@ -1,6 +1,6 @@
 """The README's commands, as written, in the order a reader meets them (in a fresh folder holding `photos/` and a
-link to `conf/`). The only changes are step caps: `cod fit` gets `--trainer.max_steps 2` and `cod demo --train`
-3 steps. Commands that need files a fresh machine does not have are listed in NEEDS_DOWNLOADS and skipped."""
+link to `conf/`). The only changes are step caps: `cod fit` gets `--trainer.max_steps 2`, `cod demo --train`
+3 steps, `cod fit-prior` 3 steps, and DiffC 2 steps (`--steps 2` for compress's rate, `--steps 0,2` for evaluate). Commands that need files a fresh machine does not have are listed in NEEDS_DOWNLOADS and skipped."""
 from __future__ import annotations
 
 import re
@@ -43,6 +43,15 @@ def capped(command: str) -> list[str]:
         args += ["--trainer.max_steps", "2"]
     if args[0] == "demo" and "--train" in args:
         args.insert(args.index("--train") + 1, "3")
+    if args[0] == "fit-prior":
+        args += ["--steps", "3"]
+    if args[:2] == ["diffc", "compress"]:
+        for option in ("--bpp", "--steps", "--recon-t"):
+            if option in args:
+                del args[args.index(option):args.index(option) + 2]
+        args += ["--steps", "2"]
+    if args[:2] == ["diffc", "evaluate"]:
+        args += ["--steps", "0,2"]
     return args
 
 
