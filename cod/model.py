@@ -31,7 +31,7 @@ from cod.models.denoiser import CoDDenoiser
 from cod.models.pixnerdit import PixNerDiT
 from cod.models.presets import DEFAULT_SAMPLING, Preset
 from cod.models.state_dict import StateDictMismatch, check_state_dict, load_state_strict
-from cod.precision import check_precision, prepare_denoiser, prepare_vae
+from cod.precision import check_precision, prepare_denoiser
 
 __all__ = ["CoDModel", "ModelDirError", "atomic_write_bytes", "build_config", "build_denoiser", "load", "new_model",
            "read_config", "sha256_file", "CONFIG_FORMAT", "CONFIG_VERSION"]
@@ -185,8 +185,7 @@ class CoDModel(torch.nn.Module):
     def _ensure_latent(self) -> None:
         """Latent models load their VAE on first use, so that indices and samples need no VAE weights."""
         if self.family == "latent" and self.latent is None:
-            latent = _load_latent(self.path or Path("."), self.config, self.vae_path, self.verify).to(self.device)
-            self.latent = prepare_vae(latent, self.precision)
+            self.latent = _load_latent(self.path or Path("."), self.config, self.vae_path, self.verify).to(self.device)
 
     # ---- how the decode side runs ------------------------------------------------------------------------------
     def set_precision(self, precision: str) -> "CoDModel":
@@ -200,17 +199,17 @@ class CoDModel(torch.nn.Module):
         if self.precision != "fp32":
             raise PrecisionError(f"this model already decodes in {self.precision}; load it again for {precision}")
         _ = self.fingerprint  # of the float32 weights, computed before they change
-        prepare_denoiser(self.denoiser, precision)
-        if self.latent is not None:
-            prepare_vae(self.latent, precision)
+        prepare_denoiser(self.denoiser, precision)  # the VAE decoder stays float32 (runs once per image)
         self.precision = precision
         return self
 
     def compile_denoiser(self, **options) -> "CoDModel":
-        """torch.compile (inductor) the denoiser in place: the first decode at each new size or batch compiles (tens
-        of seconds on a CPU, see docs/benchmarks.md), later ones run the compiled graph."""
+        """torch.compile (inductor) the denoiser in place (its state-dict keys do not change): the first decode at
+        each new size or batch compiles (tens of seconds on a CPU, see docs/benchmarks.md), later ones run the
+        compiled graph. Static shapes by default: a decode where guidance is off at some steps runs two batch sizes,
+        and each gets its own graph rather than one dynamic graph for both."""
         if not self.compiled:
-            self.denoiser.compile(**options)
+            self.denoiser.compile(**{"dynamic": False, **options})
             self.compiled = True
         return self
 
