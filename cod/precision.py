@@ -48,8 +48,9 @@ class Policy:
     keep_fp32: tuple[str, ...] = ()        # denoiser submodules left in float32 (boundary hooks cast around them)
 
 
-# Submodules of a denoiser that decoding runs at every step, in forward order. The condition encoder and the
-# codebook (`y_embedder.encoder`, `y_embedder.bottleneck`) are never listed: compress runs them.
+# The decode side of a denoiser, in forward order (submodules a model lacks are skipped: DDT has no y_embedder_x).
+# The condition encoder and the codebook (`y_embedder.encoder`, `y_embedder.bottleneck`) are never listed:
+# compress runs them. KEEP_FP32 lists what stays float32 within it (the module docstring says why).
 DECODE_MODULES = ("y_embedder.decoder", "t_embedder", "s_embedder", "x_embedder", "y_embedder_x", "blocks",
                   "final_layer")
 KEEP_FP32 = ("y_embedder.decoder", "t_embedder", "final_layer.linear")
@@ -85,6 +86,17 @@ def check_precision(precision: str, device: torch.device | str = "cpu") -> None:
                              f"does not support: use fp32")
     if POLICIES[precision].quantize is not None:
         _torchao()
+
+
+@contextlib.contextmanager
+def _quiet_torchao():
+    pytree_log = logging.getLogger("torch.utils._pytree")
+    level = pytree_log.level
+    pytree_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        pytree_log.setLevel(level)
 
 
 def _torchao():
@@ -157,17 +169,6 @@ def quantize_linears(module: nn.Module, kind: str, include=("",), exclude=()) ->
 
     with _quiet_torchao():
         q.quantize_(module, config, filter_fn=chosen)
-
-
-@contextlib.contextmanager
-def _quiet_torchao():
-    pytree_log = logging.getLogger("torch.utils._pytree")
-    level = pytree_log.level
-    pytree_log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        pytree_log.setLevel(level)
 
 
 # The layer whose output is the velocity: kept in float32, its output is never rounded to the compute dtype.
