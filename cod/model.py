@@ -215,7 +215,8 @@ class CoDModel(torch.nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, images01: torch.Tensor, seeds: int | list[int] = 0, **sampling) -> torch.Tensor:
-        """Evaluate path: the codec runs inside the first network call (straight-through condition)."""
+        """Evaluate path: the codec's training-path forward gives the condition (straight-through values), once per
+        image, inside the first network call as in the release (exact=True) or just before the sampler."""
         B, _, H, W = images01.shape
         self.check_size(H, W)
         y = self.condition_image(images01.to(self.device))

@@ -134,3 +134,13 @@ def test_cli_precision_end_to_end(tmp_path, capsys):
         main(["decompress", str(tmp_path / "a.cod"), "--model", model, "--precision", "fp16", "-o", "x.png"])
     assert e.value.code == 2
     assert "invalid choice: 'fp16'" in capsys.readouterr().err
+
+
+def test_compile_wraps_the_denoiser_in_place_and_keeps_its_keys():
+    """Compilation itself runs at the first decode (tens of seconds on a CPU: docs/benchmarks.md measures it), so
+    this only checks the wiring."""
+    plain = cod.load(embedded_model_dir())
+    model = cod.load(embedded_model_dir(), precision="bf16", compile=True)
+    assert model.compiled and model.denoiser._compiled_call_impl is not None
+    assert list(model.denoiser.state_dict()) == list(plain.denoiser.state_dict())
+    assert model.compile_denoiser() is model

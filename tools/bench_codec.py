@@ -235,7 +235,7 @@ def bench_one(args, device, preset, base, size, precisions, peaks) -> list[dict]
                 t = torch.full((xx.shape[0],), 0.5, device=device)
                 v.model.denoiser(xx, t, cond=cc)
                 best = math.inf
-                for _ in range(max(1, args.repeats)):
+                for _ in range(max(3, args.repeats)):  # short: more samples against a busy machine's swings
                     _, s = timed(device, v.model.denoiser, xx, t, cond=cc)
                     best = min(best, s)
                 v.pass_s[halves] = best
