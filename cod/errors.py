@@ -23,6 +23,10 @@ class OutputExistsError(CodError):
     """An output that exists already (cod never replaces a file unless asked to with --overwrite)."""
 
 
+class PrecisionError(CodError):
+    """A decode precision that is unknown, or that this device cannot run (cod.precision)."""
+
+
 class ModelDirError(CodError):
     """A model directory that is missing, incomplete, inconsistent or tampered with (message says what and how to
     fix it)."""

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cod.diffusion.samplers import Sampler, build_sampler
-from cod.errors import InputError, LimitError, ModelDirError, OutputExistsError
+from cod.errors import InputError, LimitError, ModelDirError, OutputExistsError, PrecisionError
 from cod.files import (atomic_directory, atomic_write_bytes, read_bytes_bounded, regular_file_stat, sha256_file,
                        sha256_file_cached)
 from cod.model_config import CONFIG_FORMAT, CONFIG_VERSION, MAX_CONFIG_BYTES, parse_config_bytes, validate_config
@@ -32,6 +32,7 @@ from cod.models.denoiser import CoDDenoiser
 from cod.models.pixnerdit import PixNerDiT
 from cod.models.presets import DEFAULT_SAMPLING, Preset
 from cod.models.state_dict import StateDictMismatch, check_state_dict, load_state_strict
+from cod.precision import check_precision, prepare_denoiser
 
 __all__ = ["CoDModel", "ModelDirError", "atomic_write_bytes", "build_config", "build_denoiser", "load", "new_model",
            "read_config", "sha256_file", "CONFIG_FORMAT", "CONFIG_VERSION"]
@@ -81,6 +82,8 @@ class CoDModel(torch.nn.Module):
         self.verify = "cached"
         self.prior = None  # the index prior (cod.entropy.priors), when the directory has one
         self.prior_fingerprint = ""  # sha256 of prior.safetensors: entropy-coded files are tied to it
+        self.precision = "fp32"  # of the decode side (cod.precision); the encoder side is always float32
+        self.compiled = False
 
     @property
     def fingerprint(self) -> str:
@@ -188,14 +191,46 @@ class CoDModel(torch.nn.Module):
         if self.family == "latent" and self.latent is None:
             self.latent = _load_latent(self.path or Path("."), self.config, self.vae_path, self.verify).to(self.device)
 
+    # ---- how the decode side runs ------------------------------------------------------------------------------
+    def set_precision(self, precision: str) -> "CoDModel":
+        """Run the decode side in precision "fp32", "bf16", "int8" or "fp8" (cod.precision; docs/precision.md) on
+        this model's device; the encoder side and the codebook stay float32, so .cod files do not depend on it.
+        A one-way conversion of a float32 model, done once after loading (cod.load(..., precision=...)); raises
+        PrecisionError for a precision this device cannot run."""
+        check_precision(precision, self.device)
+        if precision == self.precision:
+            return self
+        if self.precision != "fp32":
+            raise PrecisionError(f"this model already decodes in {self.precision}; load it again for {precision}")
+        _ = self.fingerprint  # of the float32 weights, computed before they change
+        prepare_denoiser(self.denoiser, precision)  # the VAE decoder stays float32 (runs once per image)
+        self.precision = precision
+        return self
+
+    def compile_denoiser(self, **options) -> "CoDModel":
+        """torch.compile (inductor) the denoiser in place (its state-dict keys do not change): the first decode at
+        each new size or batch compiles (tens of seconds on a CPU, see docs/benchmarks.md), later ones run the
+        compiled graph. Static shapes by default: a decode where guidance is off at some steps runs two batch sizes,
+        and each gets its own graph rather than one dynamic graph for both."""
+        if not self.compiled:
+            self.denoiser.compile(**{"dynamic": False, **options})
+            self.compiled = True
+        return self
+
     @torch.no_grad()
     def reconstruct(self, images01: torch.Tensor, seeds: int | list[int] = 0, **sampling) -> torch.Tensor:
-        """Evaluate path: the codec runs inside the first network call (straight-through condition)."""
+        """Evaluate path: the codec's training-path forward gives the condition (straight-through values), once per
+        image, inside the first network call as in the release (exact=True) or just before the sampler."""
         B, _, H, W = images01.shape
         self.check_size(H, W)
         y = self.condition_image(images01.to(self.device))
         y_uncond = self.condition_image(-torch.ones_like(y))
-        x = self.sampler(**sampling)(self.denoiser, self.initial_noise(B, H, W, seeds), y=y, y_uncond=y_uncond)
+        sampler = self.sampler(**sampling)
+        if sampler.exact:  # the release: the codec runs inside the first network call
+            x = sampler(self.denoiser, self.initial_noise(B, H, W, seeds), y=y, y_uncond=y_uncond)
+        else:  # the same codec call, made once up front, so that unguided steps can skip the unconditional half
+            cond, _ = self.codec(torch.cat([y_uncond.expand_as(y), y]))
+            x = sampler(self.denoiser, self.initial_noise(B, H, W, seeds), cond=cond)
         return self.to_uint8(x)
 
     def compress(self, images, **options) -> list[bytes]:
@@ -229,6 +264,9 @@ class CoDModel(torch.nn.Module):
         overwrite (then it is replaced as a whole). weights_dtype (e.g. torch.float16) stores the denoiser's
         weights in a smaller type; they are loaded back into float32 parameters."""
         out = Path(out_dir)
+        if self.precision != "fp32":
+            raise ModelDirError(f"cannot save {out}: this model decodes in {self.precision} (its weights were "
+                                f"converted); save the float32 model it was loaded from")
         config = {k: v for k, v in self.config.items() if k not in ("fingerprint", "checksums")}
         checksums = {}
         with atomic_directory(out, overwrite, own=is_model_dir) as tmp:
@@ -467,14 +505,18 @@ def _load_checked(build, file: Path, expected: str, config_path: Path, verify: s
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", vae_path: str | None = None,
-         verify: str = "cached") -> CoDModel:
+         verify: str = "cached", precision: str = "fp32", compile: bool = False) -> CoDModel:
     """Load a model directory written by `cod new-model`, `cod import-official` or `cod fit`.
 
     Nothing in it is trusted: config.json is validated (cod.model_config); the denoiser is built on the meta device
     and compared with the shapes in the weights file's header before any memory is allocated; the weights' sha256
     must equal the fingerprint in config.json (verify="cached" remembers verified files by identity and ctime in
     the user's cache folder, so an unchanged XL model is not re-hashed at every load; "always" re-hashes). A latent
-    model's VAE (bundled, vae_path or $COD_VAE_PATH) is loaded, and checked the same way, when first needed."""
+    model's VAE (bundled, vae_path or $COD_VAE_PATH) is loaded, and checked the same way, when first needed.
+
+    precision: of the decode side, "fp32" (default), "bf16", "int8" or "fp8" (CoDModel.set_precision; a precision
+    the device cannot run is refused before anything is read). compile: torch.compile the denoiser."""
+    check_precision(precision, device)
     path = Path(path)
     config = read_config(path)
     weights = weights_file(path, WEIGHTS_FILE, "weights file")
@@ -486,7 +528,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", vae_path: 
     if config.get("prior") is not None:
         model.prior = _load_prior(path, config, denoiser.codec.bottleneck.num_codes, verify)
         model.prior_fingerprint = config["checksums"][PRIOR_FILE]
-    return model.to(device)
+    model.to(device).set_precision(precision)
+    return model.compile_denoiser() if compile else model
 
 
 def _load_latent(path: Path, config: dict, vae_path: str | None, verify: str = "cached"):

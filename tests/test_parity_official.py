@@ -115,7 +115,8 @@ def test_rectangular_image_header_order():
 @pytest.mark.parametrize("sampler", ["adam2", "euler"])
 def test_samplers_evaluate_and_decompress_paths(case, sampler):
     _, m, T, net, y = case
-    s = build_sampler(sampler, steps=4, cfg=3.0, guidance_interval=(0.1, 1.0), last_step=0.04, timeshift=1.0)
+    s = build_sampler(sampler, steps=4, cfg=3.0, guidance_interval=(0.1, 1.0), last_step=0.04, timeshift=1.0,
+                      exact=True)  # the release's arithmetic: both CFG halves at every step
     ref = m["sampling"][sampler]
     assert s.timesteps().tolist() == pytest.approx(ref["timesteps"], abs=0)
     steps, net_t = [], []
@@ -131,6 +132,20 @@ def test_samplers_evaluate_and_decompress_paths(case, sampler):
             assert mine == pytest.approx(theirs, abs=1e-6)
     out = s(net, T["sample.noise"], cond=T["codec.decompress_with_uncond"])
     assert max_rel_err(out, T[f"sample.{sampler}.decompress"]) < SAMPLE_TOL
+
+
+@pytest.mark.parametrize("cfg", [3.0, 1.0])
+def test_skipping_the_unconditional_half_where_guidance_is_off_stays_within_the_sample_tolerance(case, cfg):
+    """The default sampler computes only the conditional half where the guidance weight is 1 (the first step at
+    cfg 3, every step at cfg 1): the release's samples to float rounding."""
+    _, _, T, net, _ = case
+    kwargs = dict(steps=4, cfg=cfg, guidance_interval=(0.1, 1.0), last_step=0.04, timeshift=1.0)
+    cond = T["codec.decompress_with_uncond"]
+    fast = build_sampler("adam2", **kwargs)(net, T["sample.noise"], cond=cond)
+    exact = build_sampler("adam2", exact=True, **kwargs)(net, T["sample.noise"], cond=cond)
+    assert max_rel_err(fast, exact) < 1e-5
+    if cfg == 3.0:
+        assert max_rel_err(fast, T["sample.adam2.decompress"]) < SAMPLE_TOL
 
 
 @pytest.mark.parametrize("weight", [0, 1])

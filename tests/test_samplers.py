@@ -85,3 +85,103 @@ def test_unknown_sampler_lists_the_choices():
     with pytest.raises(ValueError, match="adam2"):
         build_sampler("heun")
     assert {"euler", "adam1", "adam2", "adam3", "adam4"} <= set(SAMPLERS)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Skipping the unconditional half where guidance is off; no host syncs in the loop
+# ----------------------------------------------------------------------------------------------------------
+class HalfRecorder(torch.nn.Module):
+    """A fake denoiser whose two CFG halves differ (the velocity depends on the condition map), recording the
+    batch size of every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def forward(self, x, t, y=None, cond=None):
+        self.batches.append(x.shape[0])
+        return x * 0.5 + cond.reshape(-1, 1, 1, 1) * t.view(-1, 1, 1, 1), cond
+
+
+@pytest.mark.parametrize("name", ["euler", "adam2"])
+@pytest.mark.parametrize("cfg", [3.0, 1.0])
+def test_unguided_steps_compute_only_the_conditional_half(name, cfg):
+    cond = torch.tensor([-1.0, 2.0])  # [uncond; cond] for one image
+    noise = torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    fast_net, exact_net = HalfRecorder(), HalfRecorder()
+    sampler = build_sampler(name, steps=6, cfg=cfg)
+    fast = sampler(fast_net, noise, cond=cond)
+    exact = build_sampler(name, steps=6, cfg=cfg, exact=True)(exact_net, noise, cond=cond)
+    assert exact_net.batches == [2] * 6
+    expected = [sampler.network_passes(t) for t in sampler.network_times()]
+    assert fast_net.batches == expected
+    # cfg 3: t = 0 (and t <= 0.1) lies outside the strict guidance interval; cfg 1: guidance is off everywhere
+    assert expected == ([1, 2, 2, 2, 2, 2] if cfg == 3.0 else [1] * 6)
+    torch.testing.assert_close(fast, exact, rtol=1e-6, atol=1e-6)
+
+
+def test_the_evaluate_path_runs_the_codec_on_both_halves_before_skipping():
+    net = HalfRecorder()
+
+    def with_codec(x, t, y=None, cond=None):
+        if cond is None:  # the codec: one value per condition image
+            cond = y.mean(dim=(1, 2, 3))
+        return net(x, t, cond=cond)
+
+    build_sampler("euler", steps=4, cfg=1.0)(with_codec, torch.zeros(1, 1, 2, 2), y=torch.ones(1, 3, 4, 4),
+                                             y_uncond=-torch.ones(1, 3, 4, 4))
+    assert net.batches == [2, 1, 1, 1]
+
+
+def test_a_model_decodes_the_same_image_with_and_without_skipping():
+    import cod
+
+    model = cod.new_model("tiny-pixel")
+    idx = model.encode(torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    for cfg in (3.0, 1.0):
+        fast = model.sample(idx, 64, 64, steps=4, cfg=cfg)
+        exact = model.sample(idx, 64, 64, steps=4, cfg=cfg, exact=True)
+        assert (fast - exact).abs().max().item() < 1e-5
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    fast, exact = model.reconstruct(image, steps=3), model.reconstruct(image, steps=3, exact=True)
+    assert (fast.int() - exact.int()).abs().max().item() <= 1
+
+
+class HostSyncs(torch.overrides.TorchFunctionMode):
+    """Records every operation that makes the host wait for a device: reading a device tensor's value, or copying
+    a host tensor to a device (a pageable copy waits for the device's queue)."""
+
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__, torch.Tensor.__int__,
+             torch.Tensor.__bool__, torch.Tensor.cpu, torch.Tensor.numpy}
+    COPIES = {torch.Tensor.to, torch.Tensor.copy_, torch.Tensor.cuda}
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if func in self.READS and any(t.device.type != "cpu" for t in tensors):
+            self.syncs.append(func.__name__)
+        if func in self.COPIES and isinstance(out, torch.Tensor) and out.device.type != "cpu" \
+                and any(t.device.type == "cpu" for t in tensors):
+            self.syncs.append(func.__name__)
+        return out
+
+
+@pytest.mark.parametrize("name", ["euler", "adam2", "adam4"])
+@pytest.mark.parametrize("exact", [False, True])
+def test_the_sampler_loop_never_waits_for_the_device(name, exact):
+    """Run on the meta device, where any read of a value fails, with every host-to-device copy recorded."""
+    def net(x, t, y=None, cond=None):
+        return x * t.view(-1, 1, 1, 1) + cond.view(-1, 1, 1, 1), cond
+
+    noise = torch.empty(1, 3, 8, 8, device="meta")
+    cond = torch.empty(2, device="meta")
+    sampler = build_sampler(name, steps=5, cfg=3.0, exact=exact)
+    with HostSyncs() as mode:
+        out = sampler(net, noise, cond=cond)
+    assert out.device.type == "meta" and out.shape == noise.shape
+    assert mode.syncs == []

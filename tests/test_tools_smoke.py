@@ -13,7 +13,8 @@ from conftest import ROOT
 
 @pytest.mark.parametrize("args", [
     ["tools/bench_train.py", "--presets", "tiny-pixel", "--size", "32", "--batch", "2", "--steps", "1"],
-    ["tools/bench_decode.py", "--preset", "tiny-pixel", "--size", "32", "--steps", "1", "--threads", "1"],
+    ["tools/bench_codec.py", "--presets", "tiny-pixel", "--sizes", "32", "--steps", "2", "--precision", "fp32,bf16",
+     "--repeats", "1", "--threads", "1"],
     ["tools/bench_entropy.py", "coder", "--n", "3000", "--lanes", "8", "--trials", "2", "--repeats", "1"],
 ])
 def test_benchmark_script_runs(args):

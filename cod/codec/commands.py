@@ -81,6 +81,17 @@ def _add_arguments(p, inputs_help: str) -> None:
     p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="print nothing but errors")
 
 
+def _decode_arguments(p) -> None:
+    from cod.precision import PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="arithmetic of the decoder: fp32 (default, the reference), bf16, int8 (torchao, CPU or GPU) "
+                        "or fp8 (torchao, GPUs of compute capability 8.9+); the encoder and the codebook stay fp32, "
+                        "so the .cod files never depend on it (docs/precision.md gives each one's error)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the denoiser: faster decoding after a one-off compilation per image size")
+
+
 def _batch_size_argument(p, effect: str) -> None:
     p.add_argument("--batch-size", type=positive_int, default=1,
                    help=f"code up to this many images of equal padded size together (default 1); {effect}")
@@ -102,6 +113,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("decompress", help=".cod files -> PNG images")
     _add_arguments(p, ".cod files, folders (their .cod files) or glob patterns")
+    _decode_arguments(p)
     _batch_size_argument(p, "faster on GPU, but a pixel may then differ by one level from decoding the file alone")
     p.add_argument("-o", "--out", required=True, help="output folder (or .png file, for one input)")
     add_overwrite_argument(p, "existing PNG files")
@@ -112,6 +124,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("evaluate", help="rate/distortion of CoD vs JPEG/WebP/AVIF at matched size")
     _add_arguments(p, "image files, folders or glob patterns")
+    _decode_arguments(p)
     p.add_argument("--out-dir", default="cod-eval", help="where per_image.csv/json, summary.json, rd.png go")
     add_overwrite_argument(p, "the reports of an earlier evaluation in --out-dir")
     p.add_argument("--anchors", default="jpeg,webp,avif", help="comma-separated classical codecs, or 'none'")
@@ -142,7 +155,8 @@ def parse_device(name: str):
 def load_model(args):
     import cod
 
-    return cod.load(args.model, device=parse_device(args.device))
+    return cod.load(args.model, device=parse_device(args.device), precision=getattr(args, "precision", "fp32"),
+                    compile=getattr(args, "compile", False))
 
 
 def _progress(args, total: int, desc: str):

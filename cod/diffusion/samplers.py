@@ -1,8 +1,16 @@
 """Samplers: Euler (ODE and SDE variants) and Adams linear multistep, with classifier-free guidance (spec §7.4).
 
 The denoiser is called as `net(x, t, y=..., cond=...) -> (velocity, cond)` on a doubled batch whose
-unconditional half comes first. The condition codec runs once, on the first call, and its output is passed
-back on every later call; a precomputed `cond` (the decompress path) skips it altogether.
+unconditional half comes first (both halves in one call). The condition codec runs once, on the first call, and
+its output is passed back on every later call; a precomputed `cond` (the decompress path) skips it altogether.
+
+Where guidance is off (weight 1: outside the guidance interval, or cfg = 1) the guided velocity u + 1 (c - u) is
+the conditional one up to rounding, so only the conditional half is computed, at half the cost. `exact=True` keeps
+the release's arithmetic instead (both halves at every step, the guidance formula always): the fixture parity tests
+run that way, and the skipped form differs from it by float rounding only (tests/test_samplers.py).
+
+Nothing in the loop waits for the device: times are host floats (the network's time input is a fill, not a copy
+from host memory) and guidance weights are decided on the host, so a GPU runs the steps back to back.
 """
 from __future__ import annotations
 
@@ -40,11 +48,12 @@ class Sampler:
     name = "base"
 
     def __init__(self, steps: int = 25, cfg: float = 3.0, guidance_interval: tuple[float, float] = (0.1, 1.0),
-                 last_step: float = 0.04, timeshift: float = 1.0):
+                 last_step: float = 0.04, timeshift: float = 1.0, exact: bool = False):
         self.steps = steps
         self.guidance = GuidanceConfig(cfg, tuple(guidance_interval))
         self.last_step = last_step
         self.timeshift = timeshift
+        self.exact = exact  # True: the release's arithmetic (both CFG halves at every step)
 
     def timesteps(self) -> torch.Tensor:
         return sampling_grid(self.steps, self.last_step, self.timeshift)
@@ -52,13 +61,30 @@ class Sampler:
     def config(self) -> dict:
         return {"sampler": self.name, "steps": self.steps, "cfg": self.guidance.cfg,
                 "guidance_interval": list(self.guidance.interval), "last_step": self.last_step,
-                "timeshift": self.timeshift}
+                "timeshift": self.timeshift, "exact": self.exact}
+
+    def network_times(self) -> list[float]:
+        """The time fed to the network at each step (float32 values as host floats)."""
+        return self.timesteps()[:-1].tolist()
+
+    def network_passes(self, t: float, cond_known: bool = True) -> int:
+        """How many batch halves the network computes at time t: 1 where guidance is off and skipped, else 2."""
+        return 1 if self.skips(t, cond_known) else 2
+
+    def skips(self, t: float, cond_known: bool = True) -> bool:
+        # The condition map must be known: on the evaluate path the first call runs the codec on both halves.
+        return not self.exact and cond_known and self.guidance.weight(t) == 1.0
 
     def _velocity(self, net, x: torch.Tensor, t: torch.Tensor, state: dict) -> torch.Tensor:
-        t_in = t.to(x.device, torch.float32).expand(2 * x.shape[0])
+        t = float(t)  # a host value (t is a CPU tensor): no device sync
+        n = x.shape[0]
+        if self.skips(t, state["cond"] is not None):
+            out, _ = net(x, torch.full((n,), t, dtype=torch.float32, device=x.device), cond=state["cond"][n:])
+            return out
+        t_in = torch.full((2 * n,), t, dtype=torch.float32, device=x.device)
         out, state["cond"] = net(torch.cat([x, x]), t_in, y=state.get("y"), cond=state.get("cond"))
         state["y"] = None
-        return apply_guidance(out, self.guidance.weight(float(t)))
+        return apply_guidance(out, self.guidance.weight(t))
 
     @staticmethod
     def _initial_state(y, y_uncond, cond) -> dict:
@@ -175,6 +201,14 @@ class AdamsSampler(Sampler):
         for i in range(self.steps):
             q = min(self.order, i + 1)
             out.append(adams_coefficients(tau[i - q + 1: i + 1], tau[i], tau[i + 1]))
+        return out
+
+    def network_times(self) -> list[float]:
+        tau = self.timesteps()
+        t, out = torch.zeros((), dtype=torch.float32), []
+        for i in range(self.steps):
+            out.append(float(t))
+            t = t + (tau[i + 1] - tau[i])
         return out
 
     @torch.no_grad()

@@ -112,6 +112,8 @@ def rope_2d(height: int, width: int, head_dim: int, device: torch.device | str =
     """
     if head_dim % 4:
         raise ValueError(f"2-D RoPE needs a head dim divisible by 4, got {head_dim}")
+    if torch.compiler.is_compiling():  # a compiled graph computes (or folds) the table itself: no cache to trace
+        return _rope_cached.__wrapped__(height, width, head_dim, str(device), theta, span, step)
     return _rope_cached(height, width, head_dim, str(device), theta, span, step)
 
 

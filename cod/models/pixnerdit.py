@@ -125,11 +125,13 @@ class PixNerDiT(CoDDenoiser):
         if run >= L or st.s.requires_grad:
             out = self.decode_patches(st.patches, cond_tokens, st.s)
         else:
-            out = x.new_empty(B, L, C * self.patch_size ** 2)
+            out = None  # allocated in the dtype of the velocity (float32 also when the stream runs in bf16)
             for start in range(0, L, run):
                 end = start + run
-                out[:, start:end] = self.decode_patches(st.patches[:, start:end], cond_tokens[:, start:end],
-                                                        st.s[:, start:end])
+                part = self.decode_patches(st.patches[:, start:end], cond_tokens[:, start:end], st.s[:, start:end])
+                if out is None:
+                    out = part.new_empty(B, L, C * self.patch_size ** 2)
+                out[:, start:end] = part
         out = unpatchify(out, self.patch_size, C, H, W)
         if return_codec_res:
             return out, st.cond, st.codec_res
