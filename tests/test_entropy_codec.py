@@ -177,7 +177,7 @@ def test_fit_prior_cli(dirs, tmp_path, capsys):
             "--size", "64", "--log-dir", str(tmp_path / "runs")]
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert "held_out:" in err and "bits per token" in err
+    assert "held_out:" in err and "bits per token" in err and "kept the parameters of step" in err
     assert list((tmp_path / "runs" / "prior").glob("version_*/events.out.tfevents.*"))
     assert cod.load(model).prior.kind == "context"
     assert main(args) == 1  # a prior exists: refused, before any work

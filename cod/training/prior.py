@@ -8,6 +8,7 @@ Settings come from conf/prior.yaml (every key can be overridden on the command l
 """
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from pathlib import Path
@@ -40,14 +41,28 @@ class PriorTrainingModule(L.LightningModule):
     def __init__(self, prior: IndexPrior, lr: float = 0.03):
         super().__init__()
         self.prior, self.lr = prior, lr
+        self.best: tuple[float, int, dict] | None = None  # (held-out bits per token, step, parameters)
 
     def training_step(self, grids: torch.Tensor, batch_idx: int) -> torch.Tensor:
         bits = self.prior.bits(grids).mean()
         self.log("train/bits_per_token", bits, prog_bar=False)
         return bits * math.log(2)  # nats: the same optimum, the usual gradient scale
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_bits, self._val_count = 0.0, 0
+
     def validation_step(self, grids: torch.Tensor, batch_idx: int) -> None:
-        self.log("val/bits_per_token", self.prior.bits(grids).mean(), prog_bar=False)
+        bits = self.prior.bits(grids)
+        self._val_bits += float(bits.sum())
+        self._val_count += bits.numel()
+        self.log("val/bits_per_token", bits.mean(), prog_bar=False)
+
+    def on_validation_epoch_end(self) -> None:
+        """Keep the parameters with the fewest held-out bits so far (a context prior can overfit a small
+        training set: the held-out figure, not the step count, decides what is kept)."""
+        value = self._val_bits / max(1, self._val_count)
+        if self.best is None or value < self.best[0]:
+            self.best = (value, self.global_step, copy.deepcopy(self.prior.state_dict()))
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.prior.parameters(), lr=self.lr)
@@ -152,9 +167,15 @@ def fit_prior(model_dir: str, train: str, val: str | None = None, config: str | 
             log_dir, name="prior"), enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             val_check_interval=min(settings["val_every"], settings["steps"]), check_val_every_n_epoch=None,
             log_every_n_steps=min(50, settings["steps"]), num_sanity_val_steps=0, deterministic=True)
+        trainer.validate(module, val_loader, verbose=False)  # the starting point (the static frequencies) competes too
         trainer.fit(module, loader, val_loader)
+        trainer.validate(module, val_loader, verbose=False)
+    best_bits, best_step, best_state = module.best
+    prior.load_state_dict(best_state)
+    say(f"kept the parameters of step {best_step} ({best_bits:.3f} bits per token on the "
+        f"{'held-out' if held_out is not None else 'first training'} grids)")
     prior.freeze()
-    report = {"kind": prior.kind, "settings": settings, "train": measure(prior, grids, bits)}
+    report = {"kind": prior.kind, "settings": settings, "kept_step": best_step, "train": measure(prior, grids, bits)}
     if held_out is not None:
         report["held_out"] = measure(prior, held_out, bits)
     fingerprint = write_prior(model_dir, prior.eval(), overwrite=overwrite)
