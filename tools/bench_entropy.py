@@ -15,8 +15,9 @@ streams of --batch-n 8-bit symbols at once and is checked byte for byte against 
 
 `models` measures what a trained prior saves on real files: for each model directory with a prior (cod fit-prior),
 the payload bytes of every image of each --data folder coded fixed-length and entropy-coded (the encoder keeps the
-smaller), the index bits under the prior's integer tables, and the round trip (the entropy-coded indices decode to
-the fixed-length ones):
+smaller), the index bits under the prior's integer tables, the order-0 entropy of the folder's own index histogram
+(what the best static distribution for exactly these images would reach: an oracle, for reference), and the round
+trip (the entropy-coded indices decode to the fixed-length ones):
 
     python tools/bench_entropy.py models --model DIR [--model DIR2] --data ../shared/data/kodak [--json models.json]
 """
@@ -265,6 +266,7 @@ def models(a) -> dict:
             ideal = 0.0
             chosen = 0
             seconds = 0.0
+            histogram = np.zeros(model.codec.bottleneck.num_codes)
             for path in files:
                 image = read_image(path)
                 data_fixed = api.compress(model, [image], entropy="off")[0]
@@ -279,11 +281,15 @@ def models(a) -> dict:
                 coded += len(data) - container.read_header(data)[2]  # the payload (type and tag bytes included)
                 chosen += header.payload_mode == container.PAYLOAD_TYPED
                 ideal += model.prior.table_bits(idx)
+                histogram += np.bincount(idx.reshape(-1), minlength=len(histogram))
             bits = model.codec.bits
             result["rows"].append({
                 "model": Path(model_dir).name, "prior": model.prior.kind, "bits/index": bits, "bpp": model.bpp,
                 "data": Path(folder).name, "images": len(files), "indices": tokens,
-                "prior bits/index": ideal / tokens, "payload bytes fixed": fixed, "payload bytes cod": coded,
+                "prior bits/index": ideal / tokens,
+                "order-0 entropy": float(-(histogram[histogram > 0] / tokens * np.log2(histogram[histogram > 0] /
+                                                                                       tokens)).sum()),
+                "payload bytes fixed": fixed, "payload bytes cod": coded,
                 "saving %": 100 * (1 - coded / fixed), "entropy-coded files": chosen,
                 "compress s/image": seconds / max(1, len(files))})
     table(result["rows"], "Payload with the prior vs fixed-length")
