@@ -165,7 +165,15 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        return self.modulated(x, self.modulation(c), rope)
+
+    def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The six adaLN vectors (shift, scale, gate for attention, then for the MLP) for conditioning c."""
+        return self.adaLN_modulation(c).chunk(6, dim=-1)
+
+    def modulated(self, x: torch.Tensor, mod: tuple[torch.Tensor, ...], rope: torch.Tensor) -> torch.Tensor:
+        """The block with given modulation vectors (a one-step model folds them once, cod.models.onestep)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
