@@ -66,15 +66,16 @@ def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10.0)
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, hidden_size: int, frequency_size: int = 256):
+    def __init__(self, hidden_size: int, frequency_size: int = 256, max_period: float = 10.0):
         super().__init__()
         self.frequency_size = frequency_size
+        self.max_period = max_period  # 10 for CoD's PixNerDiT / DDT, 10000 for CoD-Lite's DConv
         self.mlp = nn.Sequential(
             nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
         )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        feats = timestep_features(t, self.frequency_size).to(self.mlp[0].weight.dtype)
+        feats = timestep_features(t, self.frequency_size, self.max_period).to(self.mlp[0].weight.dtype)
         return self.mlp(feats)
 
 

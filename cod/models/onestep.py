@@ -1,4 +1,4 @@
-"""One-step models: a conditional generator evaluated once, at flow time t = 0 (spec one-step.md §4).
+"""One-step models (One-step CoD and CoD-Lite): a conditional generator evaluated once, at flow time t = 0 (spec one-step.md §4).
 
 A one-step model is a CoD denoiser distilled (DMD, §6) to map pure noise straight to the image: the decode is
 one forward pass at t = 0 with input x_0 = noise_level * eps (eps ~ N(0, I); noise_level 0 makes the decode
@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from cod.models.dconv import DConv
 from cod.models.layers import DiTBlock
 from cod.models.pixnerdit import PixNerDiT
 
@@ -51,7 +52,38 @@ class FoldedDiTBlock(nn.Module):
         return self.block.modulated(x, tuple(getattr(self, n) for n in self.NAMES), rope)
 
 
-class OneStepCoD(PixNerDiT):
+class OneStepDecoding:
+    """The one-step decode shared by both members: x0 = noise_level * eps, one pass at t = 0, pred x or v."""
+
+    def initial_noise(self, shape, device=None, noise: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """noise_level * eps. `noise` supplies eps (the release draws it with randn_like, even at level 0)."""
+        if noise is None:
+            noise = torch.randn(tuple(shape), device=device, generator=generator)
+        return self.noise_level * noise
+
+    def inference(self, y: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+                  noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One decode. y: condition image [B, 3, H, W] in [0, 1] (the codec runs on it: the evaluate path), or
+        cond: a decoded condition map [B, D, H/16, W/16] (the decompress path). Returns the image in [-1, 1]."""
+        if cond is not None:
+            B, _, hp, wp = cond.shape
+            shape, device = (B, self.in_channels, hp * self.patch_size, wp * self.patch_size), cond.device
+        elif y is not None:
+            shape, device = (y.shape[0], self.in_channels, *y.shape[-2:]), y.device
+        else:
+            raise ValueError("one-step inference needs a condition image y or a condition map cond")
+        x0 = self.initial_noise(shape, device, noise, generator)
+        out = self.raw_prediction(x0, torch.zeros(shape[0], device=device), y, cond)
+        return out if self.pred == "x" else x0 + out
+
+    def decode_indices(self, indices: torch.Tensor, noise: torch.Tensor | None = None,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """VQ indices [B, h, w] -> image [B, 3, H, W] in [-1, 1] (codebook rows, codec decoder, one pass)."""
+        return self.inference(cond=self.codec.decode_indices(indices), noise=noise, generator=generator)
+
+
+class OneStepCoD(OneStepDecoding, PixNerDiT):
     """One-step CoD: the CoD PixNerDiT (same weights layout, same codec) decoded in one pass at t = 0.
 
     noise_level: scale of the input noise (released models: 0, except `bpp_0_0039_noise_1` with 1).
@@ -85,32 +117,61 @@ class OneStepCoD(PixNerDiT):
                 self.blocks[i] = FoldedDiTBlock(self.blocks[i], c)
         return self
 
-    # ---------------------------------------------------------------------------------------------------------
-    # one-step decode
-    # ---------------------------------------------------------------------------------------------------------
-    def initial_noise(self, shape, device=None, noise: torch.Tensor | None = None,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-        """noise_level * eps. `noise` supplies eps (the release draws it with randn_like, even at level 0)."""
-        if noise is None:
-            noise = torch.randn(tuple(shape), device=device, generator=generator)
-        return self.noise_level * noise
+    def raw_prediction(self, x0: torch.Tensor, t: torch.Tensor, y, cond) -> torch.Tensor:
+        return self(x0, t, y, cond)[0]  # PixNerDiT returns its raw output (x or v by training)
 
-    def inference(self, y: torch.Tensor | None = None, cond: torch.Tensor | None = None,
-                  noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One decode. y: condition image [B, 3, H, W] in [0, 1] (the codec runs on it: the evaluate path), or
-        cond: a decoded condition map [B, D, H/16, W/16] (the decompress path). Returns the image in [-1, 1]."""
-        if cond is not None:
-            B, _, hp, wp = cond.shape
-            shape, device = (B, self.in_channels, hp * self.patch_size, wp * self.patch_size), cond.device
-        elif y is not None:
-            shape, device = (y.shape[0], self.in_channels, *y.shape[-2:]), y.device
-        else:
-            raise ValueError("one-step inference needs a condition image y or a condition map cond")
-        x0 = self.initial_noise(shape, device, noise, generator)
-        out, _ = self(x0, torch.zeros(shape[0], device=device), y, cond)
-        return out if self.pred == "x" else x0 + out
 
-    def decode_indices(self, indices: torch.Tensor, noise: torch.Tensor | None = None,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-        """VQ indices [B, h, w] -> image [B, 3, H, W] in [-1, 1] (codebook rows, codec decoder, one pass)."""
-        return self.inference(cond=self.codec.decode_indices(indices), noise=noise, generator=generator)
+# -------------------------------------------------------------------------------------------------------------
+# CoD-Lite: DConv at t = 0 (spec §4.1)
+# -------------------------------------------------------------------------------------------------------------
+class FoldedDiCoBlock(nn.Module):
+    """A DiCoBlock with its adaLN modulation fixed at c = temb(0) [1, D] (the block applies its own SiLU).
+
+    The vectors are [1, D, 1, 1] and broadcast over the batch; the release's cached block reshapes them to
+    [B, D, 1, 1] and so accepts batch 1 only (its batch-2 call raises). Outputs are equal either way.
+    """
+
+    NAMES = FoldedDiTBlock.NAMES
+
+    def __init__(self, block: nn.Module, c: torch.Tensor):
+        super().__init__()
+        with torch.no_grad():
+            mod = block.modulation(c)
+        del block.adaLN_modulation
+        self.block = block
+        for name, value in zip(self.NAMES, mod):
+            self.register_buffer(name, value.detach().clone(), persistent=False)
+
+    def forward(self, s: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        return self.block.modulated(s, tuple(getattr(self, n) for n in self.NAMES))
+
+
+class OneStepCoDLite(OneStepDecoding, DConv):
+    """CoD-Lite: DConv decoded in one pass at t = 0 from noise_level * eps (released models: noise_level 0).
+
+    pred 'x': the network's x-prediction is the image; pred 'v': image = input + raw output.
+    """
+
+    def __init__(self, *, noise_level: float = 0.0, **dconv_kwargs):
+        super().__init__(**dconv_kwargs)
+        self.noise_level = float(noise_level)
+
+    @property
+    def is_folded(self) -> bool:
+        return isinstance(self.blocks[0], FoldedDiCoBlock)
+
+    @torch.no_grad()
+    def time_conditioning(self) -> torch.Tensor:
+        """temb(0) [1, D]."""
+        return self.t_embedder(torch.zeros(1, device=self.t_embedder.mlp[0].weight.device))
+
+    def fold_modulation(self) -> "OneStepCoDLite":
+        """Replace every DiCoBlock by its t = 0 folded form (idempotent). Load weights before."""
+        if not self.is_folded:
+            c = self.time_conditioning()
+            for i in range(len(self.blocks)):
+                self.blocks[i] = FoldedDiCoBlock(self.blocks[i], c)
+        return self
+
+    def raw_prediction(self, x0: torch.Tensor, t: torch.Tensor, y, cond) -> torch.Tensor:
+        return self(x0, t, y, cond, return_pred=True)[0]  # the network's output, not the derived velocity
