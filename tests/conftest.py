@@ -15,6 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("COD_SHARED", ROOT.parent / "shared"))
 FIXTURES = SHARED / "fixtures" / "cod-reference"
+ONESTEP_FIXTURES = SHARED / "fixtures" / "one-step-reference"
 KODAK = SHARED / "data" / "kodak"
 TRAIN256 = SHARED / "data" / "train256"
 VARIANTS = ("pixel_ds32_up2x", "pixel_ds32_stage1", "latent_ds32_up2x", "latent_ds128_up2x")
@@ -52,15 +53,15 @@ def require(path: Path) -> Path:
 
 
 @lru_cache(maxsize=None)
-def fixture_manifest(variant: str) -> dict:
-    return json.loads((require(FIXTURES) / f"{variant}.json").read_text())
+def fixture_manifest(variant: str, folder: Path = FIXTURES) -> dict:
+    return json.loads((require(folder) / f"{variant}.json").read_text())
 
 
 @lru_cache(maxsize=None)
-def fixture_tensors(variant: str) -> dict[str, torch.Tensor]:
+def fixture_tensors(variant: str, folder: Path = FIXTURES) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(require(FIXTURES) / f"{variant}.safetensors"))
+    return load_file(str(require(folder) / f"{variant}.safetensors"))
 
 
 def condition_from_u8(y_u8: torch.Tensor) -> torch.Tensor:

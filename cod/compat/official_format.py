@@ -25,3 +25,15 @@ def read_official(data: bytes) -> tuple[int, int, bytes]:
     if height == 0 or width == 0:
         raise ValueError(f"official .cod header holds an empty size {height}x{width}")
     return height, width, bytes(data[HEADER.size:])
+
+
+# CoD-Lite's CLI (spec one-step.md §4.4) writes the width first and reads it back as the width: correct for any
+# aspect ratio, and the opposite field order to the files above.
+def write_official_lite(payload: bytes, height: int, width: int) -> bytes:
+    return write_official(payload, width, height)
+
+
+def read_official_lite(data: bytes) -> tuple[int, int, bytes]:
+    """-> (height, width, payload)."""
+    width, height, payload = read_official(data)
+    return height, width, payload

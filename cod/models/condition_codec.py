@@ -7,10 +7,16 @@ stride 32 -> one trailing Up (`ada`), 128 -> two Ups inside `block` plus `ada`, 
 16 -> nothing, 8 -> a strided conv_out, 4 -> conv s2, ResBlock, conv s2. For the released layouts this rule
 gives exactly the official modules; for the non-released ds<=16 rates it is our documented generalisation
 (docs/compat.md).
+
+The CoD-Lite codec (spec one-step.md §2) is the same codec with two options: `light=True` drops the last
+attention/ResBlock pair of the decoder block, and `attention_window=32` makes every attention block attend within
+32x32 windows in evaluation mode when the grid is larger than a window (a QUIRK of the release, see
+SpatialAttention). `lite_condition_codec` builds it.
 """
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -44,10 +50,17 @@ class ResBlock(nn.Module):
 
 
 class SpatialAttention(nn.Module):
-    """Single-head self-attention over all positions; scale 1/sqrt(channels) as in the release."""
+    """Single-head self-attention over all positions; scale 1/sqrt(channels) as in the release.
 
-    def __init__(self, channels: int):
+    window (CoD-Lite only): in evaluation mode, a grid larger than window x window in either direction attends
+    within non-overlapping window x window tiles instead. QUIRK kept for parity: Q, K and V are each padded on the
+    bottom/right by edge replication to whole windows and the padded positions take part as keys and values
+    (duplicates of the edge pixels), then the output is cropped. Training mode is always global.
+    """
+
+    def __init__(self, channels: int, window: int | None = None):
         super().__init__()
+        self.window = window
         self.norm = group_norm(channels)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
@@ -57,6 +70,9 @@ class SpatialAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         u = self.norm(x)
+        d = self.window
+        if d is not None and not self.training and (H > d or W > d):
+            return x + self.proj_out(self.windowed(self.q(u), self.k(u), self.v(u), d))
         # One head of C channels in the [B, L, G, d] layout of cod.kernels, read in place from the conv outputs.
         # This strided layout sends PyTorch's CPU SDPA down its math path, which materialises the HW x HW scores;
         # the reference's query chunking is what keeps large images within its score budget.
@@ -64,6 +80,22 @@ class SpatialAttention(nn.Module):
         # The reference, not the Triton kernel: the kernel keeps a whole head dim per tile, and C is up to 1024.
         o = attention(q, k, v, backend="reference")
         return x + self.proj_out(o.reshape(B, H * W, C).transpose(1, 2).reshape(B, C, H, W))
+
+    @staticmethod
+    def windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: int) -> torch.Tensor:
+        """Attention within d x d windows of [B, C, H, W] maps (replicate-padded to whole windows, row-major
+        windows, row-major positions inside a window) -> [B, C, H, W]."""
+        B, C, H, W = q.shape
+        nh, nw = -(-H // d), -(-W // d)
+        pad = (0, nw * d - W, 0, nh * d - H)
+
+        def tiles(t: torch.Tensor) -> torch.Tensor:  # -> [B * nh * nw, d * d, 1, C]
+            t = F.pad(t, pad, mode="replicate").reshape(B, C, nh, d, nw, d)
+            return t.permute(0, 2, 4, 3, 5, 1).reshape(B * nh * nw, d * d, 1, C)
+
+        o = attention(tiles(q), tiles(k), tiles(v), backend="reference")
+        o = o.reshape(B, nh, nw, d, d, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, nh * d, nw * d)
+        return o[:, :, :H, :W]
 
 
 class Downsample(nn.Module):
@@ -104,8 +136,10 @@ SUPPORTED_DS = (4, 8, 16, 32, 128)
 class ConditionEncoder(nn.Module):
     """Image in [0, 1] -> continuous latent [B, latent_dim, H/s, W/s]."""
 
-    def __init__(self, ds: int = 32, up2x: bool = True, width: int = 128, latent_dim: int = 128):
+    def __init__(self, ds: int = 32, up2x: bool = True, width: int = 128, latent_dim: int = 128,
+                 attention_window: int | None = None):
         super().__init__()
+        Attn = partial(SpatialAttention, window=attention_window)
         if ds not in SUPPORTED_DS:
             raise ValueError(f"condition encoder supports ds in {SUPPORTED_DS}, got {ds}")
         c1, c2, c4 = width, 2 * width, 4 * width
@@ -117,14 +151,14 @@ class ConditionEncoder(nn.Module):
         if ds == 128:
             c8 = 8 * width
             self.down_block_4 = nn.Sequential(
-                ResBlock(c2, c4), SpatialAttention(c4), ResBlock(c4), SpatialAttention(c4), Downsample(c4),
-                ResBlock(c4, c8), SpatialAttention(c8), ResBlock(c8), SpatialAttention(c8), Downsample(c8),
+                ResBlock(c2, c4), Attn(c4), ResBlock(c4), Attn(c4), Downsample(c4),
+                ResBlock(c4, c8), Attn(c8), ResBlock(c8), Attn(c8), Downsample(c8),
             )
             top = c8
         else:
-            self.down_block_4 = nn.Sequential(ResBlock(c2, c4), SpatialAttention(c4), ResBlock(c4), SpatialAttention(c4))
+            self.down_block_4 = nn.Sequential(ResBlock(c2, c4), Attn(c4), ResBlock(c4), Attn(c4))
             top = c4
-        self.mid_block = nn.Sequential(ResBlock(top), SpatialAttention(top), ResBlock(top))
+        self.mid_block = nn.Sequential(ResBlock(top), Attn(top), ResBlock(top))
         self.norm_out = group_norm(top)
         self.conv_out = nn.Conv2d(top, latent_dim, 3, padding=1)
 
@@ -139,20 +173,24 @@ class ConditionEncoder(nn.Module):
 class ConditionDecoder(nn.Module):
     """Quantised latent [B, latent_dim, H/s, W/s] -> condition map [B, D, H/16, W/16]."""
 
-    def __init__(self, stride: int, hidden_size: int, latent_dim: int = 128):
+    def __init__(self, stride: int, hidden_size: int, latent_dim: int = 128, light: bool = False,
+                 attention_window: int | None = None):
         super().__init__()
+        Attn = partial(SpatialAttention, window=attention_window)
         D = hidden_size
         self.conv_in = nn.Conv2d(latent_dim, D, 3, padding=1)
         if stride >= 64:
+            if light:
+                raise ValueError("the light decoder exists only for index strides up to 32")
             self.block = nn.Sequential(
-                ResBlock(D), SpatialAttention(D), Upsample(D), ResBlock(D), SpatialAttention(D), Upsample(D),
-                ResBlock(D), SpatialAttention(D), ResBlock(D),
+                ResBlock(D), Attn(D), Upsample(D), ResBlock(D), Attn(D), Upsample(D),
+                ResBlock(D), Attn(D), ResBlock(D),
             )
             stride //= 4
-        else:
+        else:  # light (CoD-Lite): Res, Attn, Res, Attn, Res; full: two more (Attn, Res)
             self.block = nn.Sequential(
-                ResBlock(D), SpatialAttention(D), ResBlock(D), SpatialAttention(D), ResBlock(D),
-                SpatialAttention(D), ResBlock(D),
+                ResBlock(D), Attn(D), ResBlock(D), Attn(D), ResBlock(D),
+                *([] if light else [Attn(D), ResBlock(D)]),
             )
         self.norm_out = group_norm(D)
         if stride == 4:
@@ -176,13 +214,15 @@ class ConditionCodec(nn.Module):
     `decode_indices` are the compress / decompress halves (the latter uses exact codebook rows)."""
 
     def __init__(self, hidden_size: int, ds: int = 32, bits: int = 4, up2x: bool = True,
-                 encoder_width: int = 128, latent_dim: int = 128):
+                 encoder_width: int = 128, latent_dim: int = 128, light: bool = False,
+                 attention_window: int | None = None):
         super().__init__()
         self.ds, self.bits, self.up2x = ds, bits, up2x
+        self.light, self.attention_window = light, attention_window
         self.stride = index_stride(ds, up2x)
-        self.encoder = ConditionEncoder(ds, up2x, encoder_width, latent_dim)
+        self.encoder = ConditionEncoder(ds, up2x, encoder_width, latent_dim, attention_window)
         self.bottleneck = VectorQuantizer(2 ** bits, latent_dim)
-        self.decoder = ConditionDecoder(self.stride, hidden_size, latent_dim)
+        self.decoder = ConditionDecoder(self.stride, hidden_size, latent_dim, light, attention_window)
 
     @property
     def bpp(self) -> float:
@@ -191,8 +231,10 @@ class ConditionCodec(nn.Module):
     def index_grid(self, height: int, width: int) -> tuple[int, int]:
         return height // self.stride, width // self.stride
 
-    def forward(self, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        zq, vq_loss, indices = self.bottleneck(self.encoder(y))
+    def forward(self, y: torch.Tensor, fix_encoder: bool = False) -> tuple[torch.Tensor, dict]:
+        """fix_encoder: run the encoder and VQ without gradients (a frozen encoder, CoD-Lite stage 2)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not fix_encoder):
+            zq, vq_loss, indices = self.bottleneck(self.encoder(y))
         cond = self.decoder(zq)
         # bpp_hard is the nominal rate the release logs; bpp is the real one (they differ when up2x is off).
         return cond, {"vq_loss": vq_loss, "indices": indices.flatten(), "bpp_hard": self.bits / self.ds ** 2,
@@ -206,6 +248,17 @@ class ConditionCodec(nn.Module):
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """indices [B, h, w] -> condition map [B, D, Hp, Wp]."""
         return self.decoder(self.bottleneck.lookup(indices).to(self.decoder.conv_in.weight.dtype))
+
+
+LITE_ATTENTION_WINDOW = 32
+
+
+def lite_condition_codec(hidden_size: int, ds: int = 32, bits: int = 4, light: bool = True) -> ConditionCodec:
+    """The CoD-Lite codec (spec one-step.md §2): always up2x (ds in 4, 8, 16, 32), windowed attention in eval mode."""
+    if ds not in (4, 8, 16, 32):
+        raise ValueError(f"the CoD-Lite codec supports ds 4, 8, 16 and 32, got {ds}")
+    return ConditionCodec(hidden_size, ds=ds, bits=bits, up2x=True, light=light,
+                          attention_window=LITE_ATTENTION_WINDOW)
 
 
 def check_image_size(height: int, width: int, multiple: int) -> None:

@@ -66,15 +66,16 @@ def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10.0)
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, hidden_size: int, frequency_size: int = 256):
+    def __init__(self, hidden_size: int, frequency_size: int = 256, max_period: float = 10.0):
         super().__init__()
         self.frequency_size = frequency_size
+        self.max_period = max_period  # 10 for CoD's PixNerDiT / DDT, 10000 for CoD-Lite's DConv
         self.mlp = nn.Sequential(
             nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
         )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        feats = timestep_features(t, self.frequency_size).to(self.mlp[0].weight.dtype)
+        feats = timestep_features(t, self.frequency_size, self.max_period).to(self.mlp[0].weight.dtype)
         return self.mlp(feats)
 
 
@@ -165,7 +166,15 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        return self.modulated(x, self.modulation(c), rope)
+
+    def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The six adaLN vectors (shift, scale, gate for attention, then for the MLP) for conditioning c."""
+        return self.adaLN_modulation(c).chunk(6, dim=-1)
+
+    def modulated(self, x: torch.Tensor, mod: tuple[torch.Tensor, ...], rope: torch.Tensor) -> torch.Tensor:
+        """The block with given modulation vectors (a one-step model folds them once, cod.models.onestep)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x

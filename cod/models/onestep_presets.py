@@ -1,0 +1,73 @@
+"""Named presets of the one-step models (spec one-step.md §1, §3), as data beside cod.models.presets.
+
+Released sizes: One-step CoD = the CoD pixel model (PixNerDiT-XL/16) at three rates; CoD-Lite = DConv
+(D 384, Dx 32, 24 blocks of which 21 DiCo blocks) at six rates. `tiny-*` are the fixture sizes (CPU tests).
+The rate is part of the preset because every released file has its own codec layout; `noise_level` and `pred`
+of released files come from their YAML and must be checked against these defaults at import.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cod.models.presets import PRESETS
+
+
+@dataclass(frozen=True)
+class OneStepPreset:
+    member: str        # "cod" (OneStepCoD over PixNerDiT) or "lite" (OneStepCoDLite over DConv)
+    kwargs: dict       # constructor kwargs, noise_level and pred included
+    description: str
+
+    def build(self):
+        from cod.models.onestep import OneStepCoD, OneStepCoDLite
+
+        return (OneStepCoD if self.member == "cod" else OneStepCoDLite)(**self.kwargs)
+
+
+def _cod(ds: int, bits: int, noise_level: float = 0.0, size: str = "pixel-xl") -> dict:
+    kwargs = {k: v for k, v in PRESETS[size].denoiser.items() if k != "encoder_width"}
+    return dict(kwargs, ds=ds, codebook_bits=bits, noise_level=noise_level, pred="x")
+
+
+def _lite(ds: int, bits: int, hidden=384, hidden_x=32, blocks=24, cond_blocks=21, light=True) -> dict:
+    return dict(in_channels=3, patch_size=16, hidden_size=hidden, hidden_size_x=hidden_x, mlp_ratio=4.0,
+                num_blocks=blocks, num_cond_blocks=cond_blocks, bottleneck_dim=128, pred="x", ds=ds,
+                codebook_bits=bits, up2x=True, light=light, noise_level=0.0)
+
+
+_TINY_COD = dict(in_channels=3, patch_size=16, num_groups=4, hidden_size=64, hidden_size_x=16, num_blocks=10,
+                 num_cond_blocks=8, nerf_mlpratio=2, up2x=True, noise_level=0.0, pred="x")
+
+ONESTEP_PRESETS: dict[str, OneStepPreset] = {
+    # One-step CoD (HF zhaoyangjia/CoD, finetuned_one_step_cod/)
+    "onestep-cod-0.0039": OneStepPreset("cod", _cod(32, 4), "One-step CoD bpp_0_0039 (deterministic)"),
+    "onestep-cod-0.0039-noise1": OneStepPreset("cod", _cod(32, 4, noise_level=1.0),
+                                               "One-step CoD bpp_0_0039_noise_1 (noise level 1: stochastic decode)"),
+    "onestep-cod-0.0312": OneStepPreset("cod", _cod(16, 8), "One-step CoD bpp_0_0312"),
+    "onestep-cod-0.1250": OneStepPreset("cod", _cod(8, 8), "One-step CoD bpp_0_1250"),
+    # CoD-Lite (HF zhaoyangjia/CoD_Lite, CoD_Lite_bpp_*.pt)
+    "cod-lite-0.0039": OneStepPreset("lite", _lite(32, 4), "CoD-Lite bpp_0_0039 (102.0 M parameters)"),
+    "cod-lite-0.0078": OneStepPreset("lite", _lite(32, 8), "CoD-Lite bpp_0_0078"),
+    "cod-lite-0.0156": OneStepPreset("lite", _lite(16, 4), "CoD-Lite bpp_0_0156"),
+    "cod-lite-0.0312": OneStepPreset("lite", _lite(16, 8), "CoD-Lite bpp_0_0312"),
+    "cod-lite-0.1250": OneStepPreset("lite", _lite(8, 8), "CoD-Lite bpp_0_1250"),
+    "cod-lite-0.5000": OneStepPreset("lite", _lite(4, 8), "CoD-Lite bpp_0_5000"),
+    # fixture sizes (shared/fixtures/one-step-reference)
+    "tiny-onestep-cod": OneStepPreset("cod", dict(_TINY_COD, ds=32, codebook_bits=4),
+                                      "fixture size of One-step CoD (onestep_cod_ds32_b4)"),
+    "tiny-cod-lite": OneStepPreset("lite", _lite(32, 4, hidden=64, hidden_x=16, blocks=10, cond_blocks=8),
+                                   "fixture size of CoD-Lite (lite_ds32_b4_light)"),
+}
+
+
+def get_onestep_preset(name: str, ds: int | None = None, bits: int | None = None) -> OneStepPreset:
+    """A one-step preset, optionally at another (ds, bits) (the tiny presets at the other fixture rates)."""
+    if name not in ONESTEP_PRESETS:
+        raise ValueError(f"unknown one-step preset '{name}'; available: {', '.join(ONESTEP_PRESETS)}")
+    preset = ONESTEP_PRESETS[name]
+    kwargs = dict(preset.kwargs)
+    if ds is not None:
+        kwargs["ds"] = ds
+    if bits is not None:
+        kwargs["codebook_bits"] = bits
+    return OneStepPreset(preset.member, kwargs, preset.description)
