@@ -353,13 +353,22 @@ def _load_prior(path: Path, config: dict, num_codes: int, verify: str):
     config.json, then every table validated (cod.entropy.priors.prior_from_state)."""
     from cod.entropy.priors import prior_from_state
 
+    from cod.entropy.priors import build_prior
+
     spec = config["prior"]
+    hyper = {k: v for k, v in spec.items() if k not in ("kind", "file")}
     file = weights_file(path, PRIOR_FILE, "prior file")
-    _safetensors_shapes(file)  # a malformed header is refused before reading
+    try:  # the shapes in the file's header must be the prior's before anything is read (no declared size drives
+        expected = build_prior(spec["kind"], num_codes, **hyper).state_dict()  # an allocation)
+    except ValueError as e:
+        raise ModelDirError(f"{path / 'config.json'}: its prior cannot be built for this model ({e})") from None
+    shapes = {k: tuple(v.shape) for k, v in _safetensors_shapes(file).items()}
+    if shapes != {k: tuple(v.shape) for k, v in expected.items()}:
+        raise ModelDirError(f"{file} does not hold a {spec['kind']} prior for this model's {num_codes} codes (its "
+                            f"tensors or their shapes differ); train it again with `cod fit-prior --overwrite`")
     verify_file(file, config["checksums"][PRIOR_FILE], path / "config.json", verify)
     try:
         tensors = load_file(str(file))
-        hyper = {k: v for k, v in spec.items() if k not in ("kind", "file")}
         return prior_from_state(spec["kind"], num_codes, hyper, tensors)
     except Exception as e:  # noqa: BLE001 - safetensors' own errors and ours, as one line
         raise ModelDirError(f"{file} is not a valid index prior for this model: {_one_line(e)}; train it again "

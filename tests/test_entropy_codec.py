@@ -200,3 +200,22 @@ def test_prior_yaml_spells_out_the_defaults():
 
     conf = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "prior.yaml").read_text())
     assert conf == {k: default for k, (_, default, _) in SETTINGS.items()}
+
+
+def test_prior_file_with_other_shapes_is_refused_before_reading(dirs, tmp_path):
+    """A prior.safetensors whose header declares other tensors (its checksum rewritten to match) is refused from
+    the header alone: no declared size drives an allocation."""
+    from safetensors.torch import save_file
+
+    from cod.files import sha256_file
+
+    copy = tmp_path / "m"
+    shutil.copytree(dirs[1], copy)
+    state = dict(cod.load(copy).prior.state_dict())
+    state["embed"] = torch.zeros(3, 4, 17, 4096)
+    save_file(state, str(copy / "prior.safetensors"))
+    config = json.loads((copy / "config.json").read_text())
+    config["checksums"]["prior.safetensors"] = sha256_file(copy / "prior.safetensors")
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelDirError, match="shapes differ"):
+        cod.load(copy)
