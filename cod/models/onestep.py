@@ -124,23 +124,12 @@ class OneStepCoD(OneStepDecoding, PixNerDiT):
 # -------------------------------------------------------------------------------------------------------------
 # CoD-Lite: DConv at t = 0 (spec §4.1)
 # -------------------------------------------------------------------------------------------------------------
-class FoldedDiCoBlock(nn.Module):
+class FoldedDiCoBlock(FoldedDiTBlock):  # the same folding; only the block's call differs
     """A DiCoBlock with its adaLN modulation fixed at c = temb(0) [1, D] (the block applies its own SiLU).
 
     The vectors are [1, D, 1, 1] and broadcast over the batch; the release's cached block reshapes them to
     [B, D, 1, 1] and so accepts batch 1 only (its batch-2 call raises). Outputs are equal either way.
     """
-
-    NAMES = FoldedDiTBlock.NAMES
-
-    def __init__(self, block: nn.Module, c: torch.Tensor):
-        super().__init__()
-        with torch.no_grad():
-            mod = block.modulation(c)
-        del block.adaLN_modulation
-        self.block = block
-        for name, value in zip(self.NAMES, mod):
-            self.register_buffer(name, value.detach().clone(), persistent=False)
 
     def forward(self, s: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         return self.block.modulated(s, tuple(getattr(self, n) for n in self.NAMES))
