@@ -10,7 +10,8 @@ default lane count and at --lanes (each lane adds ~4 bytes of flush); flush = by
 for 256 symbols of a 16-symbol alphabet (a 512x512 image at 0.0039 bpp), over many random streams. Throughput:
 symbols/s and MB/s of coded output for encode and decode of the same symbols and tables by cod's coder and by
 constriction's AnsCoder (its Categorical model built once for one table, and the batched per-symbol model for
-per-symbol tables), with the ratio measured in the same run. With --device cuda, the Triton coder codes --batch
+per-symbol tables), with the ratio measured in the same run: cod's compiled coder (kernels/rans_cpu.c) at the
+default lane count, and its NumPy reference at --lanes (lanes are what makes NumPy fast). With --device cuda, the Triton coder codes --batch
 streams of --batch-n 8-bit symbols at once and is checked byte for byte against the CPU coder.
 
 `models` measures what a trained prior saves on real files: for each model directory with a prior (cod fit-prior),
@@ -24,7 +25,9 @@ trip (the entropy-coded indices decode to the fixed-length ones):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -33,6 +36,7 @@ import numpy as np
 
 from cod.entropy import decode, encode, ideal_bits, quantize_pmf
 from cod.entropy.rans import Layout
+from cod.kernels import rans_cpu
 
 
 def best(fn, repeats: int) -> float:
@@ -111,10 +115,18 @@ def throughput_rows(rng, n: int, lanes: int, repeats: int, precision: int) -> li
         u = rng.random(m) * (1 << precision)
         s = (cdf <= u[:, None]).sum(1) if per_symbol else np.searchsorted(cdf[0], u, side="right")
         tables = "per-symbol" if per_symbol else "one table"
-        data = encode(s, f, t, lanes=lanes, precision=precision)
-        assert np.array_equal(decode(data, f, t, lanes=lanes, precision=precision), s)
-        enc = best(lambda: encode(s, f, t, lanes=lanes, precision=precision), repeats)
-        dec = best(lambda: decode(data, f, t, lanes=lanes, precision=precision), repeats)
+        t = t if per_symbol else None
+        ours = []  # (label, lanes, encode s, decode s, bytes)
+        for label, env, J in (("cod (C)", None, None), ("cod (NumPy reference)", "numpy", lanes)):
+            if env is None and not rans_cpu.available():
+                continue
+            with backend(env):
+                data = encode(s, f, t, lanes=J, precision=precision)
+                assert np.array_equal(decode(data, f, t, None if per_symbol else m, lanes=J, precision=precision), s)
+                enc = best(lambda: encode(s, f, t, lanes=J, precision=precision), repeats)
+                dec = best(lambda: decode(data, f, t, None if per_symbol else m, lanes=J, precision=precision),
+                           repeats)
+            ours.append((label, Layout(data).lanes, enc, dec, len(data)))
         probs = (f / float(1 << precision)).astype(np.float64)
         s32 = s.astype(np.int32)
         if per_symbol:
@@ -139,13 +151,28 @@ def throughput_rows(rng, n: int, lanes: int, repeats: int, precision: int) -> li
         assert np.array_equal(c_dec(), s32)
         c_enc_t, c_dec_t = best(c_enc, repeats), best(c_dec, repeats)
         c_bytes = c_data.nbytes
-        for coder, te, td, size in (("cod rans", enc, dec, len(data)), ("constriction", c_enc_t, c_dec_t, c_bytes)):
-            rows.append({"K": K, "tables": tables, "n": m, "lanes": lanes if coder == "cod rans" else 1,
+        for coder, J, te, td, size in (*ours, ("constriction", 1, c_enc_t, c_dec_t, c_bytes)):
+            rows.append({"K": K, "tables": tables, "n": m, "lanes": J,
                          "coder": coder, "bytes": size, "encode_Msym_s": m / te / 1e6, "decode_Msym_s": m / td / 1e6,
                          "encode_MB_s": size / te / 1e6, "decode_MB_s": size / td / 1e6})
-        rows[-2]["encode_ratio_vs_constriction"] = c_enc_t / enc  # > 1: cod faster
-        rows[-2]["decode_ratio_vs_constriction"] = c_dec_t / dec
+            if coder != "constriction":
+                rows[-1]["encode_ratio_vs_constriction"] = c_enc_t / te  # > 1: cod faster
+                rows[-1]["decode_ratio_vs_constriction"] = c_dec_t / td
     return rows
+
+
+@contextlib.contextmanager
+def backend(env: str | None):
+    """COD_RANS_CPU for the block (None: the compiled coder, "numpy": the reference)."""
+    old = os.environ.pop("COD_RANS_CPU", None)
+    if env is not None:
+        os.environ["COD_RANS_CPU"] = env
+    try:
+        yield
+    finally:
+        os.environ.pop("COD_RANS_CPU", None)
+        if old is not None:
+            os.environ["COD_RANS_CPU"] = old
 
 
 def image_rows(rng, repeats: int, precision: int) -> list[dict]:

@@ -73,8 +73,18 @@ def information_bits(f: np.ndarray, precision: int) -> int:
     n/256 bits of the exact value; ideal_bits() is the float figure)."""
     if len(f) == 0:
         return 0
-    table = _log2_table(precision)
-    return int((len(f) * (precision << 8) - int(table[f.astype(np.int64)].sum())) >> 8)
+    return _information_bits(len(f), int(_log2_table(precision)[f.astype(np.int64)].sum()), precision)
+
+
+def _information_bits(n: int, log2_sum: int, precision: int) -> int:
+    return int((n * (precision << 8) - log2_sum) >> 8)
+
+
+def _compiled():
+    """kernels/rans_cpu (the same coder compiled), or None: no C compiler, or COD_RANS_CPU=numpy."""
+    from cod.kernels import rans_cpu
+
+    return rans_cpu if rans_cpu.available() else None
 
 
 # ----------------------------------------------------------------------------------------------------- validation
@@ -88,7 +98,11 @@ def _check_lanes(lanes) -> int:
 class Tables:
     """Validated frequency tables [T, K] with their cumulative frequencies, as the coder loops want them."""
 
-    def __init__(self, freqs, precision: int):
+    def __init__(self, freqs, precision: int, uses: int | None = None):
+        """uses: how many symbols will be coded with these tables (None: unknown). The compiled coder builds the
+        cumulative tables only when the symbols use each table several times on average; per-symbol tables are
+        summed from their rows as they are used, which reads each table once instead of writing and reading a
+        cumulative copy."""
         self.precision = check_precision(precision)
         self.total = 1 << self.precision
         f = np.asarray(freqs)
@@ -100,10 +114,22 @@ class Tables:
             raise ValueError(f"freqs must hold integers, got dtype {f.dtype}")
         if f.shape[1] > self.total:
             raise ValueError(f"an alphabet of {f.shape[1]} symbols does not fit precision {self.precision}")
-        if f.size and (f.min() < 0 or f.max() > self.total):  # also keeps the sums below 2^63
-            raise ValueError(f"frequencies must be in [0, 2^{self.precision}]")
         self.T, self.K = f.shape
         self.freqs = f  # as given (any integer dtype): nothing of size T x K is copied but the cumulative table
+        kernel = _compiled() if f.size else None
+        if kernel is not None:  # checks (and cumulative tables) in one pass, same messages
+            self.freqs64 = np.ascontiguousarray(f, dtype=np.int64)
+            cumulative = self.T == 1 or uses is None or uses >= 4 * self.T
+            status, bad, self.cdf = kernel.tables(self.freqs64, self.total, cumulative)
+            if status == kernel.BAD_ENTRY:
+                raise ValueError(f"frequencies must be in [0, 2^{self.precision}]")
+            if status == kernel.BAD_SUM:
+                raise ValueError(f"every table must sum to 2^{self.precision} = {self.total}; table {bad} sums to "
+                                 f"{int(f[bad].sum())}")
+            self.flat_cdf = None if self.cdf is None else self.cdf.reshape(-1)
+            return
+        if f.size and (f.min() < 0 or f.max() > self.total):  # also keeps the sums below 2^63
+            raise ValueError(f"frequencies must be in [0, 2^{self.precision}]")
         # exclusive cumulative frequencies [T, K + 1] in one pass: c = cdf[r, s], f = cdf[r, s + 1] - cdf[r, s]
         self.cdf = np.zeros((self.T, self.K + 1), dtype=np.int64)
         np.cumsum(f, axis=1, out=self.cdf[:, 1:])
@@ -253,7 +279,8 @@ class Layout:
         self.starts = np.zeros(J, dtype=np.int64)
         np.cumsum(self.counts[:-1], out=self.starts[1:])
         first = np.repeat(lane_pos + k - 4 * self.starts, self.counts) + 4 * np.arange(total)
-        self.words = raw[first[:, None] + np.arange(4)].copy().view("<u4").reshape(-1).astype(_U64)
+        self.words32 = raw[first[:, None] + np.arange(4)].copy().view("<u4").reshape(-1).astype(np.uint32)
+        self.words = self.words32.astype(_U64)
 
 
 # ------------------------------------------------------------------------------------------------------ encoder
@@ -295,10 +322,10 @@ def encode_lanes(f: np.ndarray, c: np.ndarray, lanes: int, precision: int
 
 def encode(symbols, freqs, table_index=None, *, lanes=None, precision: int = PRECISION) -> bytes:
     """Symbols [n] coded with tables freqs [T, K] (table_index [n] picks each symbol's table; None needs T = 1)."""
-    tables = Tables(freqs, precision)
     s = np.asarray(symbols)
     if s.ndim != 1 or not (np.issubdtype(s.dtype, np.integer) or s.size == 0):
         raise ValueError(f"symbols must be a 1-D integer array, got shape {s.shape} dtype {s.dtype}")
+    tables = Tables(freqs, precision, uses=len(s))
     s = s.astype(np.int64)
     rows, n = _table_rows(table_index, len(s) if table_index is None else None, tables.T)
     if len(rows) != len(s):
@@ -307,6 +334,9 @@ def encode(symbols, freqs, table_index=None, *, lanes=None, precision: int = PRE
         lanes = _check_lanes(lanes)
     if n == 0:
         return b""
+    kernel = _compiled()
+    if kernel is not None:
+        return _encode_compiled(kernel, tables, s, rows, lanes)
     if s.min() < 0 or s.max() >= tables.K:
         raise ValueError(f"symbols must be in [0, {tables.K})")
     f, c = tables.lookup(rows, s)
@@ -317,6 +347,28 @@ def encode(symbols, freqs, table_index=None, *, lanes=None, precision: int = PRE
     if J == 1:
         return assemble(*encode_one_lane(f.tolist(), c.tolist(), tables.precision))
     return assemble(*encode_lanes(f, c, J, tables.precision))
+
+
+def _encode_compiled(kernel, tables: Tables, s: np.ndarray, rows: np.ndarray, lanes: int | None) -> bytes:
+    """encode() by kernels/rans_cpu: the same checks, messages and bytes."""
+    s = np.ascontiguousarray(s)
+    r = None if tables.T == 1 else np.ascontiguousarray(rows)
+
+    def check(status: int, bad: int) -> None:
+        if status == kernel.BAD_SYMBOL:
+            raise ValueError(f"symbols must be in [0, {tables.K})")
+        if status == kernel.ZERO_FREQUENCY:
+            raise ValueError(f"symbol {int(s[bad])} at position {bad} has frequency 0 in its table "
+                             f"{int(rows[bad])}")
+
+    if lanes is None:
+        status, log2_sum, bad = kernel.information(tables.freqs64, tables.cdf, tables.K, r, s, _log2_table(tables.precision))
+        check(status, bad)
+        lanes = default_lanes(_information_bits(len(s), log2_sum, tables.precision))
+    status, bad, states, words, counts = kernel.encode(tables.freqs64, tables.cdf, tables.K, r, s, lanes,
+                                                   tables.precision)
+    check(status, bad)
+    return assemble(states, words, counts)
 
 
 def encode_one_lane(f: list, c: list, precision: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -385,13 +437,17 @@ class Decoder:
     def decode(self, freqs, table_index=None, n=None) -> np.ndarray:
         if self._broken:
             raise StreamError("stream is corrupted or was decoded with other tables")
-        tables = Tables(freqs, self.precision)
+        uses = np.size(table_index) if table_index is not None else n if isinstance(n, (int, np.integer)) else None
+        tables = Tables(freqs, self.precision, uses=uses)
         if tables.precision != self.precision:
             raise ValueError("tables and decoder precision differ")
         rows, n = _table_rows(table_index, n, tables.T)
         out = np.empty(n, dtype=np.int64)
         if n == 0:
             return out
+        kernel = _compiled()
+        if kernel is not None:
+            return self._decode_compiled(kernel, tables, rows, out)
         if self.lanes == 1:
             return self._decode_one_lane(tables, rows, out)
         lookup = _Lookup(tables, rows)
@@ -421,6 +477,25 @@ class Decoder:
             rem -= need
         self.position += n
         if bad:
+            self._broken = True
+            raise StreamError("stream is corrupted or was decoded with other tables (inconsistent renormalisation)")
+        return out
+
+    def _decode_compiled(self, kernel, tables: Tables, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """decode() by kernels/rans_cpu: the same arithmetic and checks. A slot -> symbol table (2^precision entries
+        per table) when the symbols amortise it, else a binary search in the cumulative frequencies."""
+        n = len(out)
+        slot_table = None
+        if tables.cdf is not None and tables.T * tables.total <= 4 * n:
+            slot_table = np.repeat(np.tile(np.arange(tables.K, dtype=np.uint16), tables.T),
+                                   tables.freqs.reshape(-1))
+        if not hasattr(self, "_words32"):
+            self._words32 = np.ascontiguousarray(self.layout.words32)
+        r = None if tables.T == 1 else np.ascontiguousarray(rows)
+        status, _ = kernel.decode(tables.freqs64, tables.cdf, tables.K, r, n, self.position, self.lanes, self.precision, self.x,
+                                  self.ptr, self.remaining, self._words32, slot_table, out)
+        self.position += n
+        if status != kernel.OK:
             self._broken = True
             raise StreamError("stream is corrupted or was decoded with other tables (inconsistent renormalisation)")
         return out
