@@ -67,14 +67,36 @@ static inline int lookup(const int64_t *freqs, const int64_t *cdf, int64_t K, co
     return *f ? OK : ZERO_FREQUENCY;
 }
 
+/* Symbol i's frequency and cumulative frequency: given (fa, ca: already looked up), or from its table. */
+static inline int get(const int64_t *freqs, const int64_t *cdf, int64_t K, const int64_t *rows, const int64_t *sym,
+                      const uint64_t *fa, const uint64_t *ca, int64_t i, uint64_t *f, uint64_t *c) {
+    if (fa) {
+        *f = fa[i];
+        *c = ca[i];
+        return OK;
+    }
+    return lookup(freqs, cdf, K, rows, sym, i, f, c);
+}
+
+/* f_out[i], c_out[i] of every symbol (checked as in rans_encode). */
+int rans_lookup(const int64_t *freqs, const int64_t *cdf, int64_t K, const int64_t *rows, const int64_t *sym,
+                int64_t n, uint64_t *f_out, uint64_t *c_out, int64_t *bad) {
+    for (int64_t i = 0; i < n; i++) {
+        int err = lookup(freqs, cdf, K, rows, sym, i, f_out + i, c_out + i);
+        if (err) { *bad = i; return err; }
+    }
+    return OK;
+}
+
 /* sum of log2_table[f] over the symbols (the lane-count rule's information estimate), checking every symbol on
  * the way; on error *bad is the first offending position. */
-int rans_information(const int64_t *freqs, const int64_t *cdf, int64_t K, const int64_t *rows, const int64_t *sym, int64_t n,
-                     const int64_t *log2_table, int64_t *sum, int64_t *bad) {
+int rans_information(const int64_t *freqs, const int64_t *cdf, int64_t K, const int64_t *rows, const int64_t *sym,
+                     const uint64_t *fa, const uint64_t *ca, int64_t n, const int64_t *log2_table, int64_t *sum,
+                     int64_t *bad) {
     int64_t acc = 0;
     for (int64_t i = 0; i < n; i++) {
         uint64_t f, c;
-        int err = lookup(freqs, cdf, K, rows, sym, i, &f, &c);
+        int err = get(freqs, cdf, K, rows, sym, fa, ca, i, &f, &c);
         if (err) { *bad = i; return err; }
         acc += log2_table[f];
     }
@@ -82,10 +104,11 @@ int rans_information(const int64_t *freqs, const int64_t *cdf, int64_t K, const 
     return OK;
 }
 
-/* Encode n symbols on J lanes. Out: states[J], words (capacity n: each symbol emits at most one word; lane after
+/* Encode n symbols on J lanes (from their tables, or from fa, ca when given). Out: states[J], words (capacity n: each symbol emits at most one word; lane after
  * lane, each in the decoder's reading order), counts[J]. */
-int rans_encode(const int64_t *freqs, const int64_t *cdf, int64_t K, const int64_t *rows, const int64_t *sym, int64_t n, int64_t J,
-                int precision, uint64_t *states, uint32_t *words, int64_t *counts, int64_t *bad) {
+int rans_encode(const int64_t *freqs, const int64_t *cdf, int64_t K, const int64_t *rows, const int64_t *sym,
+                const uint64_t *fa, const uint64_t *ca, int64_t n, int64_t J, int precision, uint64_t *states,
+                uint32_t *words, int64_t *counts, int64_t *bad) {
     const int top = 64 - precision;
     int64_t out = 0;  /* words written so far, compacted lane after lane */
     for (int64_t j = 0; j < J; j++) {
@@ -97,7 +120,7 @@ int rans_encode(const int64_t *freqs, const int64_t *cdf, int64_t K, const int64
         for (int64_t t = S - 1; t >= 0; t--) {
             int64_t i = j + t * J;
             uint64_t f, c;
-            int err = lookup(freqs, cdf, K, rows, sym, i, &f, &c);
+            int err = get(freqs, cdf, K, rows, sym, fa, ca, i, &f, &c);
             if (err) { *bad = i; return err; }
             if ((x >> top) >= f) {
                 *--p = (uint32_t)x;

@@ -101,6 +101,31 @@ def test_grid_round_trip(kind, shape):
     assert np.array_equal(decode_grid(prior, data, *shape), grid)
 
 
+def test_large_grids_are_coded_piece_by_piece_into_the_same_stream(monkeypatch):
+    """Tables are computed for pieces of a group at a time (bounded memory); the stream is the one the whole
+    grid's tables give at once, and decodes piece by piece as well."""
+    from cod.entropy import index_coding, rans
+
+    prior = random_prior("context", 256, dim=8)
+    grid = smooth_grid(24, 40, 256)
+    whole = encode_grid(prior, grid)
+    monkeypatch.setattr(index_coding, "TABLE_ENTRIES", 256 * 7)  # 7 positions per piece
+    calls = []
+    group_tables = prior.group_tables
+    monkeypatch.setattr(prior, "group_tables", lambda g, gr, pos: calls.append(len(pos)) or group_tables(g, gr, pos))
+    assert encode_grid(prior, grid) == whole
+    assert max(calls) == 7 and len(calls) > 4 * (24 * 40 // 4) // 7
+    assert np.array_equal(decode_grid(prior, whole, 24, 40), grid)
+    # the same bytes as one encode() call over all positions with every table at once
+    symbols, tables, rows, offset = [], [], [], 0
+    flat = grid.reshape(-1)
+    for g, pos in enumerate(prior.schedule(24, 40)):
+        freqs, index = group_tables(grid, g, pos)
+        symbols.append(flat[pos]), tables.append(freqs), rows.append(index + offset)
+        offset += len(freqs)
+    assert rans.encode(np.concatenate(symbols), np.concatenate(tables), np.concatenate(rows)) == whole
+
+
 def test_grid_code_length_follows_the_tables():
     """The stream costs what the integer tables say, plus the coder's small constant."""
     prior = random_prior("context", 256, dim=8)

@@ -150,6 +150,22 @@ def test_round_trips_on_adversarial_tables(lanes):
             roundtrip(s, f, lanes=lanes)
 
 
+def test_encoding_from_looked_up_frequencies_gives_the_same_bytes():
+    rng = np.random.default_rng(3)
+    for K, T, n, lanes in [(16, 1, 500, None), (256, 50, 4000, 5), (7, 300, 300, None), (2, 1, 0, None)]:
+        freqs = quantize_pmf(rng.dirichlet(np.full(K, 0.4), size=T))
+        rows = rng.integers(0, T, n)
+        symbols = draw(rng, freqs, rows)
+        f, c = rans.frequencies(symbols, freqs, rows)
+        assert f.dtype == c.dtype == np.uint64 and len(f) == n
+        assert rans.encode_frequencies(f, c, lanes=lanes) == encode(symbols, freqs, rows, lanes=lanes)
+    with pytest.raises(ValueError, match="frequency 0"):
+        rans.frequencies([1], [[M, 0]])
+    for f, c in [([0], [0]), ([M], [1]), ([5, 6], [0]), ([[1]], [[0]])]:
+        with pytest.raises(ValueError):
+            rans.encode_frequencies(f, c)
+
+
 def test_empty_streams_are_empty():
     f = quantize_pmf(np.ones((1, 16)))
     for lanes in (None, 1, 4):

@@ -18,20 +18,31 @@ def _grid(indices, num_codes: int) -> np.ndarray:
     return grid
 
 
+TABLE_ENTRIES = 1 << 20  # per piece of a group: at most this many table entries exist at once (8 MiB of int64)
+
+
+def _pieces(prior: IndexPrior, height: int, width: int):
+    """The schedule's groups, each cut into pieces of at most TABLE_ENTRIES / K positions: a prior's tables can
+    be one row per position, and a large grid's tables must not all exist at once."""
+    step = max(1, TABLE_ENTRIES // prior.num_codes)
+    for g, pos in enumerate(prior.schedule(height, width)):
+        for a in range(0, len(pos), step):
+            yield g, pos[a:a + step]
+
+
 def encode_grid(prior: IndexPrior, indices) -> bytes:
     """An [h, w] index grid -> the rANS stream of its indices in the prior's schedule."""
     grid = _grid(indices, prior.num_codes)
     flat = grid.reshape(-1)
-    symbols, tables, rows, offset = [], [], [], 0
-    for g, pos in enumerate(prior.schedule(*grid.shape)):
-        freqs, index = prior.group_tables(grid, g, pos)
-        symbols.append(flat[pos])
-        tables.append(freqs)
-        rows.append(index + offset)
-        offset += len(freqs)
-    if not symbols:
-        return rans.encode(np.zeros(0, np.int64), np.ones((1, prior.num_codes), np.int64))
-    return rans.encode(np.concatenate(symbols), np.concatenate(tables), np.concatenate(rows))
+    f, c = [], []
+    for g, pos in _pieces(prior, *grid.shape):
+        freqs, rows = prior.group_tables(grid, g, pos)
+        fi, ci = rans.frequencies(flat[pos], freqs, rows)
+        f.append(fi)
+        c.append(ci)
+    if not f:
+        return b""
+    return rans.encode_frequencies(np.concatenate(f), np.concatenate(c))
 
 
 def decode_grid(prior: IndexPrior, data: bytes, height: int, width: int) -> np.ndarray:
@@ -40,7 +51,7 @@ def decode_grid(prior: IndexPrior, data: bytes, height: int, width: int) -> np.n
     grid = np.zeros((height, width), dtype=np.int64)  # entries of later groups are never read (see contexts)
     flat = grid.reshape(-1)
     decoder = rans.Decoder(data)
-    for g, pos in enumerate(prior.schedule(height, width)):
+    for g, pos in _pieces(prior, height, width):
         freqs, rows = prior.group_tables(grid, g, pos)
         flat[pos] = decoder.decode(freqs, rows)
     decoder.finish()

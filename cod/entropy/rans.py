@@ -320,55 +320,101 @@ def encode_lanes(f: np.ndarray, c: np.ndarray, lanes: int, precision: int
     return x, words, counts
 
 
-def encode(symbols, freqs, table_index=None, *, lanes=None, precision: int = PRECISION) -> bytes:
-    """Symbols [n] coded with tables freqs [T, K] (table_index [n] picks each symbol's table; None needs T = 1)."""
+def _symbols_and_rows(symbols, table_index, tables: Tables) -> tuple[np.ndarray, np.ndarray]:
     s = np.asarray(symbols)
     if s.ndim != 1 or not (np.issubdtype(s.dtype, np.integer) or s.size == 0):
         raise ValueError(f"symbols must be a 1-D integer array, got shape {s.shape} dtype {s.dtype}")
-    tables = Tables(freqs, precision, uses=len(s))
-    s = s.astype(np.int64)
-    rows, n = _table_rows(table_index, len(s) if table_index is None else None, tables.T)
+    s = np.ascontiguousarray(s, dtype=np.int64)
+    rows, _ = _table_rows(table_index, len(s) if table_index is None else None, tables.T)
     if len(rows) != len(s):
         raise ValueError(f"len(table_index) = {len(rows)} does not match len(symbols) = {len(s)}")
+    return s, rows
+
+
+def _symbol_error(kernel, status: int, bad: int, s: np.ndarray, rows: np.ndarray, K: int) -> None:
+    if status == kernel.BAD_SYMBOL:
+        raise ValueError(f"symbols must be in [0, {K})")
+    if status == kernel.ZERO_FREQUENCY:
+        raise ValueError(f"symbol {int(s[bad])} at position {bad} has frequency 0 in its table {int(rows[bad])}")
+
+
+def encode(symbols, freqs, table_index=None, *, lanes=None, precision: int = PRECISION) -> bytes:
+    """Symbols [n] coded with tables freqs [T, K] (table_index [n] picks each symbol's table; None needs T = 1)."""
+    tables = Tables(freqs, precision, uses=np.size(symbols))
+    s, rows = _symbols_and_rows(symbols, table_index, tables)
     if lanes is not None:
         lanes = _check_lanes(lanes)
-    if n == 0:
+    if len(s) == 0:
         return b""
     kernel = _compiled()
-    if kernel is not None:
-        return _encode_compiled(kernel, tables, s, rows, lanes)
-    if s.min() < 0 or s.max() >= tables.K:
+    if kernel is None:
+        f, c = _lookup_reference(tables, s, rows)
+        return encode_frequencies(f, c, lanes=lanes, precision=precision)
+    r = None if tables.T == 1 else np.ascontiguousarray(rows)
+    if lanes is None:
+        status, log2_sum, bad = kernel.information(tables.freqs64, tables.cdf, tables.K, r, s,
+                                                   _log2_table(tables.precision))
+        _symbol_error(kernel, status, bad, s, rows, tables.K)
+        lanes = default_lanes(_information_bits(len(s), log2_sum, tables.precision))
+    status, bad, states, words, counts = kernel.encode(tables.freqs64, tables.cdf, tables.K, r, s, lanes,
+                                                       tables.precision)
+    _symbol_error(kernel, status, bad, s, rows, tables.K)
+    return assemble(states, words, counts)
+
+
+def _lookup_reference(tables: Tables, s: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if len(s) and (s.min() < 0 or s.max() >= tables.K):
         raise ValueError(f"symbols must be in [0, {tables.K})")
     f, c = tables.lookup(rows, s)
     if np.any(f == 0):
         i = int(np.flatnonzero(f == 0)[0])
         raise ValueError(f"symbol {int(s[i])} at position {i} has frequency 0 in its table {int(rows[i])}")
-    J = default_lanes(information_bits(f, tables.precision)) if lanes is None else lanes
-    if J == 1:
-        return assemble(*encode_one_lane(f.tolist(), c.tolist(), tables.precision))
-    return assemble(*encode_lanes(f, c, J, tables.precision))
+    return f, c
 
 
-def _encode_compiled(kernel, tables: Tables, s: np.ndarray, rows: np.ndarray, lanes: int | None) -> bytes:
-    """encode() by kernels/rans_cpu: the same checks, messages and bytes."""
-    s = np.ascontiguousarray(s)
-    r = None if tables.T == 1 else np.ascontiguousarray(rows)
+def frequencies(symbols, freqs, table_index=None, *, precision: int = PRECISION) -> tuple[np.ndarray, np.ndarray]:
+    """The frequency f and cumulative frequency c (uint64 [n]) of each symbol under its table, checked as encode()
+    checks them. With encode_frequencies(), a long stream can be coded from tables computed piece by piece (only
+    16 bytes per symbol are kept, not the tables): encode(s, freqs, t) == encode_frequencies(*frequencies(s, freqs,
+    t))."""
+    tables = Tables(freqs, precision, uses=np.size(symbols))
+    s, rows = _symbols_and_rows(symbols, table_index, tables)
+    kernel = _compiled()
+    if kernel is None or len(s) == 0:
+        if len(s) == 0:
+            return np.zeros(0, dtype=_U64), np.zeros(0, dtype=_U64)
+        return _lookup_reference(tables, s, rows)
+    status, bad, f, c = kernel.lookup(tables.freqs64, tables.cdf, tables.K,
+                                      None if tables.T == 1 else np.ascontiguousarray(rows), s)
+    _symbol_error(kernel, status, bad, s, rows, tables.K)
+    return f, c
 
-    def check(status: int, bad: int) -> None:
-        if status == kernel.BAD_SYMBOL:
-            raise ValueError(f"symbols must be in [0, {tables.K})")
-        if status == kernel.ZERO_FREQUENCY:
-            raise ValueError(f"symbol {int(s[bad])} at position {bad} has frequency 0 in its table "
-                             f"{int(rows[bad])}")
 
+def encode_frequencies(f, c, *, lanes=None, precision: int = PRECISION) -> bytes:
+    """The stream of symbols given by their frequencies f and cumulative frequencies c ([n] each, see
+    frequencies()): the same bytes as encode() of those symbols."""
+    precision = check_precision(precision)
+    f, c = np.asarray(f), np.asarray(c)
+    if f.shape != c.shape or f.ndim != 1 or not all(np.issubdtype(a.dtype, np.integer) or a.size == 0
+                                                    for a in (f, c)):
+        raise ValueError(f"f and c must be 1-D integer arrays of one length, got shapes {f.shape} and {c.shape}")
+    if lanes is not None:
+        lanes = _check_lanes(lanes)
+    if len(f) == 0:
+        return b""
+    total = 1 << precision
+    if f.min() < 1 or c.min() < 0 or f.max() > total or np.any(c.astype(np.int64) + f.astype(np.int64) > total):
+        raise ValueError(f"every symbol needs 1 <= f and c + f <= 2^{precision}")
+    f, c = np.ascontiguousarray(f, dtype=_U64), np.ascontiguousarray(c, dtype=_U64)
+    kernel = _compiled()
     if lanes is None:
-        status, log2_sum, bad = kernel.information(tables.freqs64, tables.cdf, tables.K, r, s, _log2_table(tables.precision))
-        check(status, bad)
-        lanes = default_lanes(_information_bits(len(s), log2_sum, tables.precision))
-    status, bad, states, words, counts = kernel.encode(tables.freqs64, tables.cdf, tables.K, r, s, lanes,
-                                                   tables.precision)
-    check(status, bad)
-    return assemble(states, words, counts)
+        lanes = default_lanes(information_bits(f, precision))
+    if kernel is not None:
+        _, _, states, words, counts = kernel.encode(None, None, 0, None, None, lanes, precision, f=f, c=c, n=len(f))
+        return assemble(states, words, counts)
+    if lanes == 1:
+        return assemble(*encode_one_lane(f.tolist(), c.tolist(), precision))
+    return assemble(*encode_lanes(f, c, lanes, precision))
 
 
 def encode_one_lane(f: list, c: list, precision: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
