@@ -219,3 +219,32 @@ def test_prior_file_with_other_shapes_is_refused_before_reading(dirs, tmp_path):
     (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelDirError, match="shapes differ"):
         cod.load(copy)
+
+
+def test_fit_prior_encodes_a_folder_once_and_notices_changed_files(dirs, tmp_path, monkeypatch):
+    """The grids of a folder are cached under the model's weights, the files' identities and the crop settings:
+    the same call reads them back without encoding; a rewritten image or other settings encode again."""
+    from cod.training import prior as prior_training
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        Image.fromarray(photo(i, 64, 64)).save(data / f"{i}.png")
+    model = cod.load(dirs[0])
+    calls = []
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda x: calls.append(len(x)) or encode(x))
+    first = prior_training.encode_folder(model, str(data), 32, 2, True, 0)
+    assert first.shape[0] == 6 and calls == [6]  # one batch: 3 images x 2 crops
+    again = prior_training.encode_folder(model, str(data), 32, 2, True, 0)
+    assert torch.equal(again, first) and calls == [6]  # from the cache
+    prior_training.encode_folder(model, str(data), 32, 1, True, 0)  # other settings: encoded
+    assert calls == [6, 3]
+    Image.fromarray(photo(9, 64, 64)).save(data / "1.png")  # a rewritten image: encoded again
+    changed = prior_training.encode_folder(model, str(data), 32, 2, True, 0)
+    assert calls == [6, 3, 6] and not torch.equal(changed, first)
+    # a damaged cache entry is ignored, not trusted
+    for entry in Path(prior_training._grid_cache_file("x")).parent.glob("*.safetensors"):
+        entry.write_bytes(b"not a safetensors file")
+    assert torch.equal(prior_training.encode_folder(model, str(data), 32, 2, True, 0), changed)
+    assert calls == [6, 3, 6, 6]

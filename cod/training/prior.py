@@ -68,22 +68,99 @@ class PriorTrainingModule(L.LightningModule):
         return torch.optim.Adam(self.prior.parameters(), lr=self.lr)
 
 
+ENCODE_BATCH = 16
+
+
 @torch.no_grad()
 def encode_folder(model, source: str, size: int, crops: int, train: bool, seed: int) -> torch.Tensor:
     """Index grids [N, h, w] of `crops` crops per image of `source` (random crops for training, one centre crop
-    for validation), encoded by the frozen model."""
-    from cod.training.data import build_dataset
+    for validation), encoded by the frozen model in batches. For a local folder the grids are remembered in the
+    user's private cache (grid_cache_key: the model's weights, every file's identity and the crop settings), so
+    that training another prior on the same data does not encode it again."""
+    from cod.training.data import FolderDataset, build_dataset
 
     dataset = build_dataset(source, size, train=train, seed=seed)
-    grids = []
+    key = grid_cache_key(model, dataset, size, crops, train, seed) if isinstance(dataset, FolderDataset) else None
+    cached = _read_grid_cache(key, model.codec.bottleneck.num_codes) if key else None
+    if cached is not None:
+        return cached
+    grids, batch = [], []
+
+    def flush():
+        if batch:
+            grids.extend(model.encode(torch.stack(batch)).cpu())
+            batch.clear()
+
     for epoch in range(crops if train else 1):
         for i in range(len(dataset)):
             item = dataset[(i, epoch)]
             if item is not None:
-                grids.append(model.encode(item[0][None])[0].cpu())
+                batch.append(item[0])
+                if len(batch) == ENCODE_BATCH:
+                    flush()
+    flush()
     if not grids:
         raise InputError(f"{source}: no readable images to train the prior on")
-    return torch.stack(grids)
+    grids = torch.stack(grids)
+    if key:
+        _write_grid_cache(key, grids)
+    return grids
+
+
+def grid_cache_key(model, dataset, size: int, crops: int, train: bool, seed: int) -> str:
+    """sha256 of what the grids depend on: the model's weights (fingerprint) and code geometry, each image file's
+    identity (path, device, inode, size, mtime and ctime: any rewrite changes it), and the crop settings."""
+    import hashlib
+    import json
+    import os
+
+    files = []
+    for path in dataset.files:
+        st = os.stat(path)
+        files.append([str(Path(path).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
+    blob = json.dumps({"model": model.fingerprint, "stride": model.codec.stride, "bits": model.codec.bits,
+                       "size": size, "crops": crops, "train": train, "seed": seed, "files": files, "version": 1})
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _grid_cache_file(key: str) -> Path | None:
+    from cod.files import private_cache_dir
+
+    folder = private_cache_dir()
+    return None if folder is None else folder / "prior-grids" / f"{key}.safetensors"
+
+
+def _read_grid_cache(key: str, num_codes: int) -> torch.Tensor | None:
+    """The cached grids, or None (no private cache, no entry, or an entry that is not a valid grid tensor)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = _grid_cache_file(key)
+    if path is None or not path.is_file():
+        return None
+    try:
+        grids = load(path.read_bytes()).get("grids")
+    except (OSError, SafetensorError, ValueError):
+        return None
+    if grids is None or grids.dtype != torch.int64 or grids.dim() != 3 or grids.numel() == 0 \
+            or grids.min() < 0 or grids.max() >= num_codes:
+        return None
+    return grids
+
+
+def _write_grid_cache(key: str, grids: torch.Tensor) -> None:
+    from safetensors.torch import save
+
+    from cod.files import atomic_write_bytes
+
+    path = _grid_cache_file(key)
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(exist_ok=True, mode=0o700)
+        atomic_write_bytes(path, save({"grids": grids.contiguous()}), overwrite=True)
+    except OSError:
+        pass  # a cache that cannot be written is no cache
 
 
 def initial_prior(kind: str, model, grids: torch.Tensor, dim: int) -> IndexPrior:
