@@ -7,13 +7,14 @@
  * writing and reading a cumulative copy of every table. `rows` (the table of each symbol) may be NULL when T = 1.
  * Symbol i is coded by lane i mod J. */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define WORD_BITS 32
 #define LOWER_BOUND ((uint64_t)1 << 32)
 #define START_STATE 255
 
-enum { OK = 0, BAD_SYMBOL = 1, ZERO_FREQUENCY = 2, BAD_STREAM = 3, BAD_ENTRY = 4, BAD_SUM = 5 };
+enum { OK = 0, BAD_SYMBOL = 1, ZERO_FREQUENCY = 2, BAD_STREAM = 3, BAD_ENTRY = 4, BAD_SUM = 5, NO_MEMORY = 6 };
 
 /* Validate frequency tables freqs[T][K] (each entry in [0, total], each row summing to total) and, unless cdf is
  * NULL, write their exclusive cumulative frequencies cdf[T][K + 1], in one pass. *bad: the first bad row. */
@@ -110,31 +111,48 @@ int rans_encode(const int64_t *freqs, const int64_t *cdf, int64_t K, const int64
                 const uint64_t *fa, const uint64_t *ca, int64_t n, int64_t J, int precision, uint64_t *states,
                 uint32_t *words, int64_t *counts, int64_t *bad) {
     const int top = 64 - precision;
-    int64_t out = 0;  /* words written so far, compacted lane after lane */
-    for (int64_t j = 0; j < J; j++) {
-        int64_t S = j < n ? (n - j + J - 1) / J : 0;  /* symbols of lane j */
-        if (S == 0) { states[j] = 0; counts[j] = 0; continue; }
-        /* words are produced last-first: write them backwards at the end of this lane's room [out, out + S) */
-        uint32_t *end = words + out + S, *p = end;
-        uint64_t x = START_STATE;
-        for (int64_t t = S - 1; t >= 0; t--) {
-            int64_t i = j + t * J;
-            uint64_t f, c;
-            int err = get(freqs, cdf, K, rows, sym, fa, ca, i, &f, &c);
-            if (err) { *bad = i; return err; }
-            if ((x >> top) >= f) {
-                *--p = (uint32_t)x;
-                x >>= WORD_BITS;
-            }
-            x = ((x / f) << precision) + x % f + c;
-        }
-        int64_t m = end - p;
-        memmove(words + out, p, (size_t)m * sizeof(uint32_t));
-        out += m;
-        states[j] = x;
-        counts[j] = m;
+    /* lane j's words are produced last-first: they are written backwards from the end of its room in `words`
+     * (its symbol count, rooms lane after lane), then the rooms are compacted. The symbols are visited in one
+     * backward sweep (lane i mod J), so the inputs stream through the cache once whatever J is. */
+    uint32_t **ends = malloc((size_t)J * sizeof(uint32_t *)), **ps = malloc((size_t)J * sizeof(uint32_t *));
+    if (!ends || !ps) {
+        free(ends); free(ps);
+        return NO_MEMORY;
     }
-    return OK;
+    int64_t room = 0;
+    for (int64_t j = 0; j < J; j++) {
+        room += j < n ? (n - j + J - 1) / J : 0;
+        ends[j] = ps[j] = words + room;
+        states[j] = j < n ? START_STATE : 0;  /* a lane without symbols is empty: state 0 */
+    }
+    int err = OK;
+    int64_t j = n ? (n - 1) % J : 0;
+    for (int64_t i = n - 1; i >= 0; i--) {
+        uint64_t f, c, x = states[j];
+        if ((err = get(freqs, cdf, K, rows, sym, fa, ca, i, &f, &c)) != OK) break;
+        if ((x >> top) >= f) {
+            *--ps[j] = (uint32_t)x;
+            x >>= WORD_BITS;
+        }
+        states[j] = ((x / f) << precision) + x % f + c;
+        j = j ? j - 1 : J - 1;
+    }
+    if (err) {  /* report the first bad symbol, as a forward check would */
+        for (int64_t i = 0; i < n; i++) {
+            uint64_t f, c;
+            if ((err = get(freqs, cdf, K, rows, sym, fa, ca, i, &f, &c)) != OK) { *bad = i; break; }
+        }
+    } else {
+        int64_t out = 0;
+        for (int64_t j2 = 0; j2 < J; j2++) {
+            int64_t m = ends[j2] - ps[j2];
+            memmove(words + out, ps[j2], (size_t)m * sizeof(uint32_t));
+            out += m;
+            counts[j2] = m;
+        }
+    }
+    free(ends); free(ps);
+    return err;
 }
 
 static inline int64_t search(const int64_t *row, int64_t K, uint64_t slot) {

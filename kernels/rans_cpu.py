@@ -11,7 +11,7 @@ import numpy as np
 from .cbuild import BASE_FLAGS, CompiledLibrary, pointer
 
 SOURCE = Path(__file__).with_name("rans_cpu.c")
-OK, BAD_SYMBOL, ZERO_FREQUENCY, BAD_STREAM, BAD_ENTRY, BAD_SUM = 0, 1, 2, 3, 4, 5
+OK, BAD_SYMBOL, ZERO_FREQUENCY, BAD_STREAM, BAD_ENTRY, BAD_SUM, NO_MEMORY = 0, 1, 2, 3, 4, 5, 6
 
 
 def _declare(dll: ctypes.CDLL) -> None:
@@ -80,6 +80,8 @@ def encode(freqs, cdf, K: int, rows, symbols, lanes: int, precision: int, f=None
     status = _LIBRARY.require().rans_encode(pointer(freqs), pointer(cdf), K, pointer(rows), pointer(symbols),
                                             pointer(f), pointer(c), n, lanes, precision, pointer(states),
                                             pointer(words), pointer(counts), ctypes.byref(bad))
+    if status == NO_MEMORY:
+        raise MemoryError(f"rANS encoder: no memory for {lanes} lanes")
     return status, bad.value, states, words[:int(counts.sum())] if status == OK else words[:0], counts
 
 
