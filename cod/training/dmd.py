@@ -18,6 +18,7 @@ cod.losses.CoDPerceptualLoss (real = R with CFG 3, fake = F).
 """
 from __future__ import annotations
 
+import bisect
 import copy
 import os
 from dataclasses import dataclass
@@ -151,6 +152,16 @@ def read_weights(path: str, what: str) -> dict[str, torch.Tensor]:
     return tensor_state(state, f"{what} {path}")
 
 
+def read_student_init(path: str) -> dict[str, torch.Tensor]:
+    """The student's starting weights: a weights file (read_weights), or a CoD model directory whose denoiser has
+    the student's layout (One-step CoD is PixNerDiT: distillation may start from the teacher itself)."""
+    if Path(path).is_dir():
+        from cod.model import load
+
+        return load(path).denoiser.state_dict()
+    return read_weights(path, "student weights")
+
+
 def with_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
@@ -160,7 +171,8 @@ class DMDDistillation(L.LightningModule):
 
     student: a one-step preset name (cod.models.onestep_presets; e.g. cod-lite-0.0039, tiny-cod-lite), or (Python)
         a built one-step network; student_init: its starting weights (the release's merged stage-1 file: `net.*`
-        and the projector `codec_trainer.net_loss.proj.*`; or a plain state dict of the student);
+        and the projector `codec_trainer.net_loss.proj.*`; a plain state dict of the student; or a CoD model
+        directory of the student's layout, e.g. the teacher itself for a One-step CoD student);
     teacher: a pixel-space CoD model directory (the release: CoD pixel XL, `CoD_pixel_vpred.pt` imported with
         `cod import-official`), or (Python) a built denoiser;
     discriminator / perceptual: modules (class_path in YAML): None builds the release's (DINOv2 heads, LPIPS
@@ -186,8 +198,10 @@ class DMDDistillation(L.LightningModule):
         if not (isinstance(generator_every, int) and generator_every >= 1):
             raise ValueError(f"model.generator_every must be a positive integer, got {generator_every!r}")
         self.automatic_optimization = False
-        self.student = self._build_student(student)
-        init_state = read_weights(student_init, "student weights") if student_init else None
+        with torch.random.fork_rng():  # a seeded initialisation without touching the caller's RNG state
+            torch.manual_seed(seed)
+            self.student = self._build_student(student)
+        init_state = read_student_init(student_init) if student_init else None
         if init_state is not None:
             from cod.models.state_dict import load_state_strict
 
@@ -294,6 +308,8 @@ class DMDDistillation(L.LightningModule):
         x = images01 * 2 - 1
         draws = DistillationDraws.per_sample(x, ids, self.hparams.seed, self.global_step)
         opt_critic, opt_generator = self.optimizers()
+        for group in opt_generator.param_groups:
+            group["lr"] = self.generator_lr(self.global_step)
         generator = self.is_generator_iteration(self.global_step)
         self._set_turn(generator)
         losses = (self.generator_losses if generator else self.critic_losses)(images01, draws)
@@ -302,7 +318,6 @@ class DMDDistillation(L.LightningModule):
         self.manual_backward(losses["loss" if generator else "fake_loss"])
         opt.step()
         opt.zero_grad(set_to_none=True)
-        self.lr_schedulers().step()  # every iteration, critic ones included (as the release)
         side = "generator" if generator else "critic"
         self.log_dict({f"train/{side}/{k}": v.detach() for k, v in losses.items()}, batch_size=x.shape[0])
         self.log("train/lr", opt_generator.param_groups[0]["lr"], batch_size=x.shape[0])
@@ -317,13 +332,17 @@ class DMDDistillation(L.LightningModule):
         mse = F.mse_loss((out + 1) / 2, images01).clamp_min(1e-10)
         self.log("val/psnr", -10 * torch.log10(mse), batch_size=images01.shape[0], sync_dist=True)
 
+    def generator_lr(self, step: int) -> float:
+        """lr x gamma per milestone passed, counted in iterations, critic ones included (the release steps its
+        MultiStepLR on every iteration); a function of the step, so a resumed run continues the schedule."""
+        passed = bisect.bisect_right(sorted(self.hparams.lr_milestones or []), step)
+        return self.hparams.lr * self.hparams.lr_gamma ** passed
+
     def configure_optimizers(self):
         betas = tuple(self.hparams.betas)
         opt_critic = torch.optim.AdamW(self._critic_params, lr=self.hparams.critic_lr, weight_decay=0.0, betas=betas)
         opt_generator = torch.optim.AdamW(self._generator_params, lr=self.hparams.lr, weight_decay=0.0, betas=betas)
-        milestones = list(self.hparams.lr_milestones or [])
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt_generator, milestones, gamma=self.hparams.lr_gamma)
-        return [opt_critic, opt_generator], [sched]
+        return [opt_critic, opt_generator]
 
     # ---- checkpoints and export --------------------------------------------------------------------------------
     def state_dict(self, *args, **kwargs):
