@@ -327,6 +327,15 @@ def test_missing_pretrained_weights_name_the_download_and_the_setting(monkeypatc
         LPIPS("vgg")
 
 
+def test_cod_fit_without_dinov2_weights_is_one_clear_error(monkeypatch, capsys):
+    from cod.cli import main
+
+    monkeypatch.delenv("COD_DINOV2_PATH", raising=False)
+    assert main(["fit", "--config", str(CONF / "dmd.yaml"), "--model.teacher", str(DEMO)]) != 0
+    err = capsys.readouterr().err
+    assert err.count("cod: error:") == 1 and "dinov2_vitb14_pretrain.pth" in err and "Namespace" not in err
+
+
 def test_dinov2_discriminator_shapes_and_frozen_backbone():
     """The §6.4 layout on a small random ViT (the real one needs the downloaded weights): [B, 4, H/16, W/16] logits,
     only the spectral-norm heads trainable, gradients through the frozen backbone to the image."""

@@ -193,6 +193,22 @@ def quiet_third_party():
             logger.removeFilter(quiet)
 
 
+_TYPE_NOISE = ("Does not validate against", "Expected a ", "Given value", "Not a valid subclass", "Import path")
+
+
+def config_error(e: Exception) -> str:
+    """One line for a config that does not validate. A module built from the config (`class_path`) that raised
+    (a weights file missing, ...) reaches us wrapped in jsonargparse's report of every union member it tried:
+    its own message is the part that is not about types."""
+    text = " ".join(str(e).split())
+    parts = [part.strip() for part in text.split(" - ")]
+    if len(parts) > 1:
+        own = [part for part in parts[1:] if not part.startswith(_TYPE_NOISE)]
+        if own:
+            return own[0]
+    return text
+
+
 def lightning_main(argv: list[str]) -> int:
     from cod.cli import EXIT_USAGE, run
 
@@ -222,7 +238,13 @@ def lightning_main(argv: list[str]) -> int:
                 LightningCLI(module_class, ImageDataModule, args=args, save_config_kwargs={"overwrite": False},
                              subclass_mode_model=subclass_mode, parser_kwargs={"prog": "cod", "exit_on_error": False})
             except argparse.ArgumentError as e:  # a config value of the wrong type, an unknown key, ...
-                print(f"cod: error: {' '.join(str(e).split())} (see `cod {command} --help`)", file=sys.stderr)
+                print(f"cod: error: {config_error(e)} (see `cod {command} --help`)", file=sys.stderr)
+                status["code"] = EXIT_USAGE
+            except (TypeError, ValueError) as e:
+                if "Does not validate against" not in str(e):
+                    raise
+                # a module the config builds (class_path) refused its settings: its own message
+                print(f"cod: error: {config_error(e)}", file=sys.stderr)
                 status["code"] = EXIT_USAGE
             except RuntimeError as e:
                 if "to NOT exist" not in str(e):
