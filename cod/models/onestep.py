@@ -74,8 +74,21 @@ class OneStepDecoding:
         else:
             raise ValueError("one-step inference needs a condition image y or a condition map cond")
         x0 = self.initial_noise(shape, device, noise, generator)
-        out = self.raw_prediction(x0, torch.zeros(shape[0], device=device), y, cond)
+        return self.image_from(x0, self.raw_prediction(x0, torch.zeros(shape[0], device=device), y, cond))
+
+    def image_from(self, x0: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The decoded image from the network output: the output itself (pred x) or x0 + output (pred v)."""
         return out if self.pred == "x" else x0 + out
+
+    def train_step(self, y: torch.Tensor, noise: torch.Tensor | None = None, fix_encoder: bool = True,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+        """The training forward of distillation (spec §6.3): the codec forward on y (its encoder and VQ without
+        gradients when fix_encoder), one pass at t = 0. Returns (image in [-1, 1], the codec result: vq_loss, ...).
+        Draws eps before the codec runs, as the release does."""
+        B = y.shape[0]
+        x0 = self.initial_noise((B, self.in_channels, *y.shape[-2:]), y.device, noise, generator)
+        cond, codec_res = self.codec(y, fix_encoder=fix_encoder)
+        return self.image_from(x0, self.raw_prediction(x0, torch.zeros(B, device=y.device), None, cond)), codec_res
 
     def decode_indices(self, indices: torch.Tensor, noise: torch.Tensor | None = None,
                        generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Named presets of the one-step models (spec one-step.md §1, §3), as data beside cod.models.presets.
 
 Released sizes: One-step CoD = the CoD pixel model (PixNerDiT-XL/16) at three rates; CoD-Lite = DConv
-(D 384, Dx 32, 24 blocks of which 21 DiCo blocks) at six rates. `tiny-*` are the fixture sizes (CPU tests).
+(D 384, Dx 32, 24 blocks of which 21 DiCo blocks) at six rates. `tiny-*` are the fixture sizes (CPU tests);
+`mini-onestep-cod` is the embedded demo model's size (the CPU distillation recipe, conf/dmd-tiny.yaml).
 The rate is part of the preset because every released file has its own codec layout; `noise_level` and `pred`
 of released files come from their YAML and must be checked against these defaults at import.
 """
@@ -57,6 +58,10 @@ ONESTEP_PRESETS: dict[str, OneStepPreset] = {
                                       "fixture size of One-step CoD (onestep_cod_ds32_b4)"),
     "tiny-cod-lite": OneStepPreset("lite", _lite(32, 4, hidden=64, hidden_x=16, blocks=10, cond_blocks=8),
                                    "fixture size of CoD-Lite (lite_ds32_b4_light)"),
+    # the embedded demo model's size (cod/assets/demo-model): conf/dmd-tiny.yaml distils that model into one step
+    "mini-onestep-cod": OneStepPreset("cod", dict(PRESETS["mini-pixel"].denoiser, ds=16, codebook_bits=8,
+                                                  rope_step=1.0, noise_level=0.0, pred="v"),
+                                      "One-step CoD at the demo model's size (mini-pixel, 8 bits per 16x16 pixels)"),
 }
 
 

@@ -50,9 +50,10 @@ def _expand(path: Path, seen: tuple = (), budget: list | None = None) -> list[st
 
 
 def _resolve_paths(data: dict, base: Path) -> dict:
-    """`data.train` / `data.val` / `model.init_from` given relative to the config file are made absolute when
-    that file exists there (so `cod fit --config conf/tiny.yaml` works from any directory)."""
-    for section, keys in (("data", ("train", "val")), ("model", ("init_from",))):
+    """`data.train` / `data.val` / `model.init_from` (and the distillation's `model.teacher` / `student_init`)
+    given relative to the config file are made absolute when that file exists there (so `cod fit --config
+    conf/tiny.yaml` works from any directory)."""
+    for section, keys in (("data", ("train", "val")), ("model", ("init_from", "teacher", "student_init"))):
         block = data.get(section)
         if isinstance(block, dict):
             block = block.get("init_args", block)
@@ -119,6 +120,34 @@ def expand_configs(argv: list[str]) -> list[str]:
 
 HELP_FLAGS = ("-h", "--help", "--print_config", "--print-config")
 
+# The LightningModules `cod fit` trains. A config without `model.class_path` trains CoD itself (flat `model:`
+# settings, conf/base.yaml); one that names another module here (`model: {class_path: ..., init_args: ...}`)
+# trains that. Only these names are accepted: a config never makes cod import anything else.
+TRAINING_MODULES = {"cod.training.dmd.DMDDistillation": ("cod.training.dmd", "DMDDistillation")}
+
+
+def training_module(args: list[str]):
+    """(LightningModule class, subclass mode) for the composed `--config` texts: the last `model.class_path`
+    decides."""
+    import importlib
+
+    chosen = None
+    for i, arg in enumerate(args[:-1]):
+        if arg == "--config":
+            data = yaml.safe_load(args[i + 1]) if args[i + 1].count("\n") else None
+            model = data.get("model") if isinstance(data, dict) else None
+            if isinstance(model, dict) and "class_path" in model:
+                chosen = model["class_path"]
+    if chosen is None:
+        from cod.training.module import CoDTrainingModule
+
+        return CoDTrainingModule, False
+    if chosen not in TRAINING_MODULES:
+        raise ValueError(f"model.class_path {chosen!r}: cod fit trains CoD (no class_path: conf/base.yaml) or one of "
+                         f"{', '.join(TRAINING_MODULES)}")
+    module, name = TRAINING_MODULES[chosen]
+    return getattr(importlib.import_module(module), name), True
+
 
 class _QuietLightning(logging.Filter):
     """Lightning's advertising tips are not information about the run."""
@@ -164,6 +193,22 @@ def quiet_third_party():
             logger.removeFilter(quiet)
 
 
+_TYPE_NOISE = ("Does not validate against", "Expected a ", "Given value", "Not a valid subclass", "Import path")
+
+
+def config_error(e: Exception) -> str:
+    """One line for a config that does not validate. A module built from the config (`class_path`) that raised
+    (a weights file missing, ...) reaches us wrapped in jsonargparse's report of every union member it tried:
+    its own message is the part that is not about types."""
+    text = " ".join(str(e).split())
+    parts = [part.strip() for part in text.split(" - ")]
+    if len(parts) > 1:
+        own = [part for part in parts[1:] if not part.startswith(_TYPE_NOISE)]
+        if own:
+            return own[0]
+    return text
+
+
 def lightning_main(argv: list[str]) -> int:
     from cod.cli import EXIT_USAGE, run
 
@@ -181,19 +226,25 @@ def lightning_main(argv: list[str]) -> int:
         from lightning.pytorch.cli import LightningCLI
 
         from cod.training.data import ImageDataModule
-        from cod.training.module import CoDTrainingModule
 
         args = expand_configs(argv)
         check_config_files([yaml.safe_load(a) if a.count("\n") else a for a in args])
         check_ckpt_path(argv)
+        module_class, subclass_mode = training_module(args)
         with quiet_third_party():
             try:
                 # the run's config.yaml never replaces an existing file (with the logger off it lands in the
                 # current folder)
-                LightningCLI(CoDTrainingModule, ImageDataModule, args=args, save_config_kwargs={"overwrite": False},
-                             parser_kwargs={"prog": "cod", "exit_on_error": False})
+                LightningCLI(module_class, ImageDataModule, args=args, save_config_kwargs={"overwrite": False},
+                             subclass_mode_model=subclass_mode, parser_kwargs={"prog": "cod", "exit_on_error": False})
             except argparse.ArgumentError as e:  # a config value of the wrong type, an unknown key, ...
-                print(f"cod: error: {' '.join(str(e).split())} (see `cod {command} --help`)", file=sys.stderr)
+                print(f"cod: error: {config_error(e)} (see `cod {command} --help`)", file=sys.stderr)
+                status["code"] = EXIT_USAGE
+            except (TypeError, ValueError) as e:
+                if "Does not validate against" not in str(e):
+                    raise
+                # a module the config builds (class_path) refused its settings: its own message
+                print(f"cod: error: {config_error(e)}", file=sys.stderr)
                 status["code"] = EXIT_USAGE
             except RuntimeError as e:
                 if "to NOT exist" not in str(e):

@@ -58,6 +58,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def sample_generator(seed: int, step: int, sample_id: int) -> torch.Generator:
+    """The CPU generator of one sample's training noise at one step: a function of (seed, step, sample id) only."""
+    return torch.Generator().manual_seed(hash((seed, step, sample_id)) & 0x7FFFFFFFFFFF)
+
+
 def _is_sharded(module: nn.Module) -> bool:
     return any(hasattr(p, "to_local") for p in module.parameters())
 
@@ -150,7 +155,7 @@ class CoDTrainingModule(L.LightningModule):
         process or another rank's shard, and after a resume (the step and the ids are restored)."""
         us, zs, noises = [], [], []
         for sid in ids.tolist():
-            g = torch.Generator().manual_seed(hash((self.hparams.seed, self.global_step, sid)) & 0x7FFFFFFFFFFF)
+            g = sample_generator(self.hparams.seed, self.global_step, sid)
             us.append(torch.rand(1, generator=g))
             zs.append(torch.randn(1, generator=g))
             noises.append(torch.randn(x.shape[1:], generator=g))

@@ -27,34 +27,43 @@ class DisabledTeacher(nn.Module):
         return images01.new_zeros(images01.shape[0], tokens, self.dim)
 
 
+def build_dinov2(arch: str = "vit_base_patch14_dinov2", weights: str | None = None, random_init: bool = False,
+                 purpose: str = "the REPA teacher", setting: str = "repa: {weights: PATH}", **overrides) -> nn.Module:
+    """A frozen timm DINOv2 from a local weights file (never the network): `weights`, else $COD_DINOV2_PATH.
+    A missing file is one error naming the download and the config setting (`setting`) that takes its path."""
+    import timm
+
+    net = timm.create_model(arch, pretrained=False, dynamic_img_size=True, num_classes=0, **overrides)
+    if not random_init:
+        path = weights or os.environ.get("COD_DINOV2_PATH")
+        if not path or not Path(path).is_file():
+            raise FileNotFoundError(
+                f"{purpose} needs DINOv2 ViT-B/14 weights{f' (not found: {path})' if path else ''}: "
+                f"download {DINOV2_URL} and set `{setting}` in the config or COD_DINOV2_PATH")
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        from cod.models.state_dict import load_torch_file
+
+        state = load_torch_file(path, "DINOv2 checkpoint")
+        if not isinstance(state, dict):
+            raise ValueError(f"{path} does not hold a dict of tensors")
+        state = checkpoint_filter_fn(state.get("model", state), net)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path} does not fit {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return net.eval().requires_grad_(False)
+
+
 class DinoTeacher(nn.Module):
     enabled = True
 
     def __init__(self, arch: str = "vit_base_patch14_dinov2", weights: str | None = None, random_init: bool = False,
                  **overrides):
         super().__init__()
-        import timm
-
-        self.net = timm.create_model(arch, pretrained=False, dynamic_img_size=True, num_classes=0, **overrides)
-        if not random_init:
-            path = weights or os.environ.get("COD_DINOV2_PATH")
-            if not path or not Path(path).is_file():
-                raise FileNotFoundError(
-                    f"the REPA teacher needs DINOv2 ViT-B/14 weights{f' (not found: {path})' if path else ''}: "
-                    f"download {DINOV2_URL} and set `repa: {{weights: PATH}}` in the config or COD_DINOV2_PATH; "
-                    f"or train without alignment with `repa: null`")
-            from timm.models.vision_transformer import checkpoint_filter_fn
-
-            from cod.models.state_dict import load_torch_file
-
-            state = load_torch_file(path, "DINOv2 checkpoint")
-            if not isinstance(state, dict):
-                raise ValueError(f"{path} does not hold a dict of tensors")
-            state = checkpoint_filter_fn(state.get("model", state), self.net)
-            missing, unexpected = self.net.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise ValueError(f"{path} does not fit {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        self.net.eval().requires_grad_(False)
+        try:
+            self.net = build_dinov2(arch, weights, random_init, **overrides)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e}; or train without alignment with `repa: null`") from None
         self.dim = self.net.embed_dim
         self.patch = self.net.patch_embed.patch_size[0]
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
