@@ -79,8 +79,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}"
-          f", torch {torch.__version__}, {args.threads} thread(s)")
+    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+          f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)")
     rows = []
     for case in args.cases.split(","):
         preset, size = case.split("@")
@@ -89,13 +89,14 @@ def main() -> None:
         m = base.size_multiple
         ph, pw = -(-height // m) * m, -(-width // m) * m
         h, w = base.codec.index_grid(ph, pw)
-        indices = torch.randint(0, base.codec.bottleneck.num_codes, (1, h, w), generator=torch.Generator().manual_seed(0))
+        indices = torch.randint(0, base.codec.bottleneck.num_codes, (1, h, w),
+                                generator=torch.Generator().manual_seed(0))
         base._fingerprint = "0" * 64  # not needed for timing; skips hashing the weights
         tflop = decode_tflop(base, ph, pw, 1)
         load = os.getloadavg()[0]
         print(f"\n{preset} {width}x{height} (decoded at {pw}x{ph}, {tflop * 1e3:.1f} GFLOP), load {load:.1f}"
               + (f"; {PUBLISHED[(preset, width, height)]}" if (preset, width, height) in PUBLISHED else ""))
-        print(f"  {'precision':9s} {'modulation':10s} {'time s':>8s} {'core-s':>8s} {'GFLOP/s':>8s}")
+        print("\n| precision | modulation | time (s) | core-s | GFLOP/s |\n|---|---|---:|---:|---:|")
         times = {}
         for precision in args.precision.split(","):
             for modulation in args.modulation.split(","):
@@ -108,12 +109,12 @@ def main() -> None:
                              "precision": precision, "modulation": modulation, "seconds": t,
                              "core_seconds": t * args.threads, "gflop": tflop * 1e3, "gflops": tflop * 1e3 / t,
                              "threads": args.threads, "load_before": load})
-                print(f"  {precision:9s} {modulation:10s} {t:8.3f} {t * args.threads:8.3f} {tflop * 1e3 / t:8.1f}")
+                print(f"| {precision} | {modulation} | {t:.3f} | {t * args.threads:.3f} | {tflop * 1e3 / t:.1f} |")
         for precision in args.precision.split(","):
             if (precision, "live") in times and (precision, "folded") in times:
-                print(f"  {precision}: folded is {times[(precision, 'live')] / times[(precision, 'folded')]:.2f}x "
+                print(f"{precision}: folded is {times[(precision, 'live')] / times[(precision, 'folded')]:.2f}x "
                       f"the speed of live")
-        print(f"  load after: {os.getloadavg()[0]:.1f}")
+        print(f"load after: {os.getloadavg()[0]:.1f}")
         del base
     if args.json:
         args.json.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
