@@ -9,11 +9,12 @@
     python tools/bench_onestep.py --cases onestep-cod-0.0039@512x512 --precision bf16 --modulation folded
 
 A case is PRESET@WIDTHxHEIGHT (cod.models.onestep_presets); the image is padded to the model's size multiple as
-the codec does (720x480 -> 736x480 for ds 32). Weights are random (seed 0): speed does not depend on them. Each
-variant is built fresh, decoded once to warm up, then timed --repeats times; the best time is reported, with the
-FLOPs of the decode (cod.limits.decode_tflop: matrix products and convolutions) and the achieved GFLOP/s. Times are
+the codec does (720x480 -> 736x480 for ds 32). Weights are random (seed 0): speed does not depend on them. All
+variants of a case are built, decoded once each to warm up, then timed round-robin --repeats times (so that a
+changing load on a shared machine hits every variant alike); the best time of each is reported, with the FLOPs of
+the decode (cod.limits.decode_tflop: matrix products and convolutions) and the achieved GFLOP/s. Times are
 wall-clock on --threads threads; "core-s" is time x threads, the single-core cost. The load average before and
-after each case is printed: on a shared machine, compare variants only within one run.
+after each case is printed: compare variants only within one run.
 
 Published figures (spec one-step.md; the release's README): CoD-Lite 720x480 decodes in 13 ms on an A100 and in
 65 ms on a many-core EPYC.
@@ -59,13 +60,18 @@ def variant(base: OneStepModel, precision: str, modulation: str) -> OneStepModel
     return model
 
 
-def time_decode(model: OneStepModel, indices: torch.Tensor, height: int, width: int, repeats: int) -> float:
-    model.decode(indices, height, width)  # warm-up (allocator, oneDNN primitive caches)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model.decode(indices, height, width)
-        best = min(best, time.perf_counter() - start)
+def time_decodes(models: dict, indices: torch.Tensor, height: int, width: int, repeats: int) -> dict[str, float]:
+    """Best time per model, the decodes interleaved round-robin after one warm-up decode each (allocator, oneDNN
+    primitive caches)."""
+    best = dict.fromkeys(models, float("inf"))
+    with torch.no_grad():
+        for model in models.values():
+            model.decode(indices, height, width)
+        for _ in range(repeats):
+            for key, model in models.items():
+                start = time.perf_counter()
+                model.decode(indices, height, width)
+                best[key] = min(best[key], time.perf_counter() - start)
     return best
 
 
@@ -97,25 +103,22 @@ def main() -> None:
         print(f"\n{preset} {width}x{height} (decoded at {pw}x{ph}, {tflop * 1e3:.1f} GFLOP), load {load:.1f}"
               + (f"; {PUBLISHED[(preset, width, height)]}" if (preset, width, height) in PUBLISHED else ""))
         print("\n| precision | modulation | time (s) | core-s | GFLOP/s |\n|---|---|---:|---:|---:|")
-        times = {}
-        for precision in args.precision.split(","):
-            for modulation in args.modulation.split(","):
-                model = variant(base, precision, modulation)
-                with torch.no_grad():
-                    t = time_decode(model, indices, ph, pw, args.repeats)
-                del model
-                times[(precision, modulation)] = t
-                rows.append({"preset": preset, "width": width, "height": height, "padded": [pw, ph],
-                             "precision": precision, "modulation": modulation, "seconds": t,
-                             "core_seconds": t * args.threads, "gflop": tflop * 1e3, "gflops": tflop * 1e3 / t,
-                             "threads": args.threads, "load_before": load})
-                print(f"| {precision} | {modulation} | {t:.3f} | {t * args.threads:.3f} | {tflop * 1e3 / t:.1f} |")
+        models = {(precision, modulation): variant(base, precision, modulation)
+                  for precision in args.precision.split(",") for modulation in args.modulation.split(",")}
+        del base
+        times = time_decodes(models, indices, ph, pw, args.repeats)
+        del models
+        for (precision, modulation), t in times.items():
+            rows.append({"preset": preset, "width": width, "height": height, "padded": [pw, ph],
+                         "precision": precision, "modulation": modulation, "seconds": t,
+                         "core_seconds": t * args.threads, "gflop": tflop * 1e3, "gflops": tflop * 1e3 / t,
+                         "threads": args.threads, "load_before": load})
+            print(f"| {precision} | {modulation} | {t:.3f} | {t * args.threads:.3f} | {tflop * 1e3 / t:.1f} |")
         for precision in args.precision.split(","):
             if (precision, "live") in times and (precision, "folded") in times:
                 print(f"{precision}: folded is {times[(precision, 'live')] / times[(precision, 'folded')]:.2f}x "
                       f"the speed of live")
         print(f"load after: {os.getloadavg()[0]:.1f}")
-        del base
     if args.json:
         args.json.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
                                          "torch": torch.__version__, "rows": rows}, indent=1))
