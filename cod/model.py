@@ -40,8 +40,8 @@ from cod.models.presets import DEFAULT_SAMPLING, Preset
 from cod.models.state_dict import StateDictMismatch, check_state_dict, load_state_strict
 from cod.precision import check_precision, prepare_denoiser
 
-__all__ = ["CoDModel", "OneStepModel", "ModelDirError", "atomic_write_bytes", "build_config", "build_denoiser", "load", "new_model",
-           "read_config", "sha256_file", "CONFIG_FORMAT", "CONFIG_VERSION"]
+__all__ = ["CoDModel", "OneStepModel", "ModelDirError", "atomic_write_bytes", "build_config", "build_denoiser", "load",
+           "new_model", "read_config", "sha256_file", "CONFIG_FORMAT", "CONFIG_VERSION"]
 WEIGHTS_FILE = "model.safetensors"
 OBJECTIVE_FILE = "objective.safetensors"
 PRIOR_FILE = "prior.safetensors"
@@ -663,8 +663,10 @@ def new_model(preset_name: str, out_dir: str | os.PathLike | None = None, seed: 
     """A randomly initialised model of a preset (cod.models.presets, or a one-step preset of
     cod.models.onestep_presets), written to out_dir when given."""
     from cod.models.onestep_presets import ONESTEP_PRESETS, get_onestep_preset
-    from cod.models.presets import get_preset
+    from cod.models.presets import PRESETS, get_preset
 
+    if preset_name not in ONESTEP_PRESETS and preset_name not in PRESETS:
+        raise ValueError(f"unknown preset '{preset_name}'; available: {', '.join([*PRESETS, *ONESTEP_PRESETS])}")
     if preset_name in ONESTEP_PRESETS:
         if up2x is not None or rope_step is not None:
             raise ValueError(f"one-step preset '{preset_name}': only --ds and --bits can be changed")
