@@ -3,6 +3,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from cod.model import CoDModel, load, new_model  # noqa: E402
+from cod.model import CoDModel, OneStepModel, load, new_model  # noqa: E402
 
-__all__ = ["CoDModel", "load", "new_model", "__version__"]
+__all__ = ["CoDModel", "OneStepModel", "load", "new_model", "__version__"]

@@ -86,9 +86,14 @@ def _cmd_export(args) -> None:
 def _cmd_presets(args) -> None:
     from cod.models.presets import PRESETS, rate_table
 
+    from cod.models.onestep_presets import ONESTEP_PRESETS
+
     print("presets:")
     for name, preset in PRESETS.items():
         print(f"  {name:16s} {preset.description}")
+    print("\none-step presets (decoded in one network pass; spec one-step.md):")
+    for name, preset in ONESTEP_PRESETS.items():
+        print(f"  {name:26s} {preset.description}")
     print("\nrates (real bpp; the release reports bits/ds^2 even when up2x is off):")
     print(f"  {'ds':>4} {'bits':>4} {'up2x':>5} {'stride':>6} {'bpp':>12} {'bits@512²':>10}")
     for r in rate_table():
@@ -130,13 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
     p.set_defaults(func=_cmd_new_model)
 
-    p = sub.add_parser("import-official", help="import a released CoD checkpoint into a model directory")
+    p = sub.add_parser("import-official", help="import a released checkpoint (CoD, One-step CoD, CoD-Lite) into a "
+                                               "model directory")
     p.add_argument("--ckpt", required=True, help="the release's .pt/.ckpt file (read with weights_only)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="the release's YAML config for that checkpoint")
-    src.add_argument("--preset", help="or a cod preset with the same architecture (e.g. pixel-xl)")
+    src.add_argument("--preset", help="or a cod preset with the same architecture (e.g. pixel-xl, cod-lite-0.0039; "
+                                      "see `cod presets`)")
     p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="EMA (inference) or raw weights")
+    p.add_argument("--weights", choices=["ema", "raw"],
+                   help="CoD and CoD-Lite pre-training checkpoints: EMA (inference, default) or raw weights; one-step "
+                        "files hold one set")
     p.add_argument("--vae", help="latent models: SD-VAE weights to bundle (else $COD_VAE_PATH at load time)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
     p.set_defaults(func=_cmd_import_official)

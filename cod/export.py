@@ -91,6 +91,9 @@ def export(model: CoDModel, out_dir: str | Path, fmt: str = "onnx", height: int 
            batch: int = 1, overwrite: bool = False) -> dict:
     """Write the graphs and manifest.json into out_dir, as a whole (assembled beside it, renamed into place)."""
     check_exportable(fmt)
+    if model.family not in ("pixel", "latent"):
+        raise ValueError(f"export writes the graphs of a multi-step CoD (encoder, decoder, one sampling step); this "
+                         f"is a {model.family} model, which export does not support yet")
     if batch * height * width > MAX_EXPORT_PIXELS:
         raise LimitError(f"export size {batch}x{height}x{width} is {batch * height * width / 1e6:.1f} megapixels, "
                          f"over the {MAX_EXPORT_PIXELS / 1e6:.1f} an export traces and checks; graphs are traced at "

@@ -97,7 +97,8 @@ class Limits:
 def decode_tflop(model, height: int, width: int, steps: int) -> float:
     """Estimated TFLOP to decode one height x width image with `steps` sampling steps: the condition map and the
     unconditional one (the condition encoder on a blank image, then the decoder), `steps` guidance-pair passes of
-    the denoiser, and the VAE decoder for latent models."""
+    the denoiser, and the VAE decoder for latent models. A one-step model (steps = 1): its condition map and one
+    pass of the generator."""
     parts = _work(model, height, width)
     return (steps * parts["step"] + parts["once"]) / 1e12
 
@@ -152,6 +153,7 @@ def _count_polynomials(denoiser_json: str, latent_json: str, family: str, multip
 
     from cod.flops import count_flops
     from cod.model import LATENT_DOWNSAMPLE, build_denoiser
+    from cod.model_config import ONESTEP_FAMILIES
 
     with torch.device("meta"):
         denoiser = build_denoiser({"denoiser": json.loads(denoiser_json)})
@@ -162,8 +164,12 @@ def _count_polynomials(denoiser_json: str, latent_json: str, family: str, multip
 
             vae = AutoencoderKL(VAE_PRESETS[latent["vae_preset"]])
 
-    codec, f = denoiser.codec, 1 if family == "pixel" else LATENT_DOWNSAMPLE
+    codec, f = denoiser.codec, 1 if family == "pixel" or family in ONESTEP_FAMILIES else LATENT_DOWNSAMPLE
     sizes = [multiple * k for k in (1, 2, 3)]
+    window = getattr(codec, "attention_window", None)
+    if window:  # CoD-Lite: in eval mode (as decoded) its codec attends within windows, a cost linear in the pixels;
+        denoiser.eval()  # counted at whole windows, the polynomial is exact there and no quadratic term is invented
+        sizes = [s * window for s in sizes]
     counts = {part: [] for part in PARTS}
     for side in sizes:
         def meta(*shape, dtype=torch.float32):
@@ -171,10 +177,16 @@ def _count_polynomials(denoiser_json: str, latent_json: str, family: str, multip
 
         h, w = codec.index_grid(side, side)
         image, indices = meta(1, 3, side, side), meta(1, h, w, dtype=torch.long)
+        encode = count_flops(codec.encode_indices, image)
+        if family in ONESTEP_FAMILIES:  # one pass of batch 1 on the file's condition map (no guidance pair)
+            cond = meta(1, denoiser.hidden_size, side // 16, side // 16)
+            counts["step"].append(count_flops(denoiser.raw_prediction, meta(1, 3, side, side), meta(1), None, cond))
+            counts["once"].append(count_flops(codec.decode_indices, indices))
+            counts["encode"].append(encode)
+            continue
         x, cond = meta(2, denoiser.in_channels, side // f, side // f), meta(2, denoiser.hidden_size, side // 16,
                                                                            side // 16)
         counts["step"].append(count_flops(denoiser, x, meta(2), cond=cond))
-        encode = count_flops(codec.encode_indices, image)
         once = 2 * count_flops(codec.decode_indices, indices) + encode  # the file's map, and the blank image's
         if vae is not None:
             once += count_flops(vae.decode, meta(1, vae.config.latent_channels, side // f, side // f))

@@ -8,6 +8,10 @@ A model directory holds
   prior.safetensors   (optional) the index prior for entropy-coded files (cod fit-prior; docs/entropy.md)
   MODEL_CARD.md       human-readable provenance: variant, real bpp, source, sha256
 Every command and `cod.load(DIR)` read this; `cod new-model` and `cod import-official` write it.
+
+The config's family picks the class: "pixel" and "latent" models (`CoDModel`) decode by sampling; the one-step
+members "onestep-cod" and "cod-lite" (`OneStepModel`, spec one-step.md) decode in one network pass. Both code the
+same indices into the same .cod files through the same API.
 """
 from __future__ import annotations
 
@@ -25,22 +29,24 @@ from cod.diffusion.samplers import Sampler, build_sampler
 from cod.errors import InputError, LimitError, ModelDirError, OutputExistsError, PrecisionError
 from cod.files import (atomic_directory, atomic_write_bytes, read_bytes_bounded, regular_file_stat, sha256_file,
                        sha256_file_cached)
-from cod.model_config import CONFIG_FORMAT, CONFIG_VERSION, MAX_CONFIG_BYTES, parse_config_bytes, validate_config
+from cod.model_config import (CONFIG_FORMAT, CONFIG_VERSION, MAX_CONFIG_BYTES, ONESTEP_FAMILIES, ONESTEP_SAMPLING_FIXED,
+                              parse_config_bytes, validate_config)
 from cod.models.condition_codec import TOKEN_STRIDE, required_multiple
 from cod.models.ddt import DDT
 from cod.models.denoiser import CoDDenoiser
+from cod.models.onestep import OneStepCoD, OneStepCoDLite, model_to_uint8
 from cod.models.pixnerdit import PixNerDiT
 from cod.models.presets import DEFAULT_SAMPLING, Preset
 from cod.models.state_dict import StateDictMismatch, check_state_dict, load_state_strict
 from cod.precision import check_precision, prepare_denoiser
 
-__all__ = ["CoDModel", "ModelDirError", "atomic_write_bytes", "build_config", "build_denoiser", "load", "new_model",
-           "read_config", "sha256_file", "CONFIG_FORMAT", "CONFIG_VERSION"]
+__all__ = ["CoDModel", "OneStepModel", "ModelDirError", "atomic_write_bytes", "build_config", "build_denoiser", "load",
+           "new_model", "read_config", "sha256_file", "CONFIG_FORMAT", "CONFIG_VERSION"]
 WEIGHTS_FILE = "model.safetensors"
 OBJECTIVE_FILE = "objective.safetensors"
 PRIOR_FILE = "prior.safetensors"
 VERIFY_MODES = ("cached", "always")
-DENOISERS = {"PixNerDiT": PixNerDiT, "DDT": DDT}
+DENOISERS = {"PixNerDiT": PixNerDiT, "DDT": DDT, "OneStepCoD": OneStepCoD, "OneStepCoDLite": OneStepCoDLite}
 LATENT_DOWNSAMPLE = 8  # the SD VAE; condition tokens cover 16x16 pixels = 2x2 latent cells
 
 
@@ -69,6 +75,12 @@ def build_denoiser(config: dict) -> CoDDenoiser:
 
 class CoDModel(torch.nn.Module):
     """Encoder side (image -> indices) and decoder side (indices -> image by sampling) of one CoD model."""
+
+    # The decode options a .cod file or the caller may choose (cod.codec.api); a one-step model has only the seed.
+    sampling_options = ("sampler", "steps", "cfg", "seed")
+    # The release's own .cod header: CoD and One-step CoD write the height first, CoD-Lite the width (spec
+    # one-step.md §4.4); cod.codec.api reads both correctly.
+    official_width_first = False
 
     def __init__(self, config: dict, denoiser: CoDDenoiser | None = None, latent=None, path: Path | None = None):
         super().__init__()
@@ -156,6 +168,9 @@ class CoDModel(torch.nn.Module):
         """[B, 3, H, W] floats in [0, 1] -> VQ indices [B, H/s, W/s]."""
         self.check_size(*images01.shape[-2:])
         return self.codec.encode_indices(self.condition_image(images01.to(self.device)))
+
+    def check_decode_options(self, options: dict) -> None:
+        """Raise ValueError for sampling options this model cannot decode with (cod.codec.api checks the values)."""
 
     def sampler(self, **overrides) -> Sampler:
         cfg = {**self.config["sampling"], **{k: v for k, v in overrides.items() if v is not None}}
@@ -308,6 +323,91 @@ class CoDModel(torch.nn.Module):
         self.config, self.fingerprint, self.path = config, fingerprint, out
         self.prior_fingerprint = checksums.get(PRIOR_FILE, "")
         return out
+
+
+class OneStepModel(CoDModel):
+    """A one-step member (One-step CoD, CoD-Lite; spec one-step.md): CoDModel's encoder side, and a decoder side that
+    is one network pass at t = 0 from noise_level * eps (cod.models.onestep): codebook rows, the codec's decoder,
+    one call of the generator with its adaLN modulation folded. No sampler, no unconditional condition map.
+
+    Two conventions differ from the multi-step models, both the release's: the encoder sees the image as
+    float32 u8/255 (the one-step CLIs do not round it to bfloat16), and the output rounds to uint8 without a
+    bfloat16 cast. The seed draws eps (one CPU generator per image, as CoDModel); it matters only for models with
+    noise_level > 0 (the released `onestep-cod-0.0039-noise1`).
+    """
+
+    sampling_options = ("seed",)
+
+    def __init__(self, config: dict, denoiser=None, latent=None, path: Path | None = None):
+        super().__init__(config, denoiser, latent, path)
+        self.official_width_first = config["family"] == "cod-lite"
+
+    @staticmethod
+    def condition_image(images01: torch.Tensor) -> torch.Tensor:
+        return images01.to(torch.float32)
+
+    def model_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        return (self.denoiser.in_channels, height, width)
+
+    def to_uint8(self, x: torch.Tensor) -> torch.Tensor:
+        return model_to_uint8(x)
+
+    @property
+    def is_folded(self) -> bool:
+        return self.denoiser.is_folded
+
+    def fold_modulation(self) -> "OneStepModel":
+        """Fold the t = 0 adaLN modulation into constants (cod.models.onestep; bitwise equal outputs on CPU float32,
+        less work per decode). Done by cod.load; the weights' fingerprint is taken before (the file's layout)."""
+        _ = self.fingerprint
+        self.denoiser.fold_modulation()
+        return self
+
+    def set_precision(self, precision: str) -> "OneStepModel":
+        if precision != "fp32":
+            self.fold_modulation()  # the folded vectors are computed in float32, then converted with the rest
+        return super().set_precision(precision)
+
+    def check_decode_options(self, options: dict) -> None:
+        wrong = {k: v for k, v in options.items() if k in ONESTEP_SAMPLING_FIXED and v != ONESTEP_SAMPLING_FIXED[k]}
+        if wrong:
+            given = ", ".join(f"{k} {v}" for k, v in wrong.items())
+            raise ValueError(f"this is a {self.family} model: it decodes in one network pass, so sampler, steps and "
+                             f"cfg do not apply (got {given}); only the seed can be chosen")
+
+    def initial_noise(self, batch: int, height: int, width: int, seeds: int | list[int] = 0) -> torch.Tensor:
+        if self.denoiser.noise_level == 0:  # eps would be multiplied by 0: no need to draw it
+            return torch.zeros(batch, *self.model_shape(height, width), device=self.device)
+        return super().initial_noise(batch, height, width, seeds)
+
+    @torch.no_grad()
+    def sample(self, indices: torch.Tensor, height: int, width: int, seeds: int | list[int] = 0,
+               **sampling) -> torch.Tensor:
+        """VQ indices [B, h, w] -> model-space image in [-1, 1] (decompress path: exact codebook rows)."""
+        self.check_size(height, width)
+        self.check_decode_options(sampling)
+        indices = indices.to(self.device)
+        return self.denoiser.decode_indices(indices, noise=self.initial_noise(indices.shape[0], height, width, seeds))
+
+    @torch.no_grad()
+    def reconstruct(self, images01: torch.Tensor, seeds: int | list[int] = 0, **sampling) -> torch.Tensor:
+        """Evaluate path: the codec's forward (straight-through VQ value), then the one pass -> uint8 images."""
+        B, _, H, W = images01.shape
+        self.check_size(H, W)
+        self.check_decode_options(sampling)
+        y = self.condition_image(images01.to(self.device))
+        return self.to_uint8(self.denoiser.inference(y, noise=self.initial_noise(B, H, W, seeds)))
+
+    def save(self, out_dir, card: dict | None = None, objective_state: dict | None = None, overwrite: bool = False,
+             weights_dtype: torch.dtype | None = None) -> Path:
+        if self.is_folded:
+            raise ModelDirError(f"cannot save {out_dir}: this model's adaLN modulation is folded (its weights are no "
+                                f"longer in the release's layout); save the model before folding it")
+        return super().save(out_dir, card, objective_state, overwrite, weights_dtype)
+
+
+def model_class(config: dict) -> type[CoDModel]:
+    return OneStepModel if config["family"] in ONESTEP_FAMILIES else CoDModel
 
 
 def _write_prior(prior, directory: Path) -> dict:
@@ -531,8 +631,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", vae_path: 
     weights = weights_file(path, WEIGHTS_FILE, "weights file")
     denoiser = _load_checked(lambda: build_denoiser(config), weights, config["fingerprint"], path / "config.json",
                              verify)
-    model = CoDModel(config, denoiser.eval(), None, path)
+    model = model_class(config)(config, denoiser.eval(), None, path)
     model.fingerprint = config["fingerprint"]
+    if isinstance(model, OneStepModel):
+        model.fold_modulation()
     model.vae_path, model.verify = vae_path, verify
     if config.get("prior") is not None:
         model.prior = _load_prior(path, config, denoiser.codec.bottleneck.num_codes, verify)
@@ -558,10 +660,19 @@ def _load_latent(path: Path, config: dict, vae_path: str | None, verify: str = "
 def new_model(preset_name: str, out_dir: str | os.PathLike | None = None, seed: int = 0, ds: int | None = None,
               bits: int | None = None, up2x: bool | None = None, rope_step: float | None = None,
               overwrite: bool = False) -> CoDModel:
-    """A randomly initialised model of a preset (written to out_dir when given)."""
-    from cod.models.presets import get_preset
+    """A randomly initialised model of a preset (cod.models.presets, or a one-step preset of
+    cod.models.onestep_presets), written to out_dir when given."""
+    from cod.models.onestep_presets import ONESTEP_PRESETS, get_onestep_preset
+    from cod.models.presets import PRESETS, get_preset
 
-    preset = get_preset(preset_name, ds=ds, bits=bits, up2x=up2x, rope_step=rope_step)
+    if preset_name not in ONESTEP_PRESETS and preset_name not in PRESETS:
+        raise ValueError(f"unknown preset '{preset_name}'; available: {', '.join([*PRESETS, *ONESTEP_PRESETS])}")
+    if preset_name in ONESTEP_PRESETS:
+        if up2x is not None or rope_step is not None:
+            raise ValueError(f"one-step preset '{preset_name}': only --ds and --bits can be changed")
+        preset = get_onestep_preset(preset_name, ds=ds, bits=bits)
+    else:
+        preset = get_preset(preset_name, ds=ds, bits=bits, up2x=up2x, rope_step=rope_step)
     torch.manual_seed(seed)
     latent = None
     vae_file = None
@@ -573,7 +684,7 @@ def new_model(preset_name: str, out_dir: str | os.PathLike | None = None, seed: 
         from cod.models.vae import VAE_PRESETS, AutoencoderKL, LatentSpace
 
         latent = LatentSpace(AutoencoderKL(VAE_PRESETS[preset.vae_preset]), scale=config["latent"]["scale"])
-    model = CoDModel(config, denoiser, latent)
+    model = model_class(config)(config, denoiser, latent)
     if out_dir is not None:
         model.save(out_dir, card={"provenance": f"random initialisation (seed {seed}) by `cod new-model`"},
                    overwrite=overwrite)

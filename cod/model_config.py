@@ -42,7 +42,13 @@ MAX_INT_DIGITS = 100  # longer integer literals are refused while parsing
 # them the default. (cod.codec.api.CODEC_SAMPLERS is the same list for the product layer; a test keeps them equal.)
 DETERMINISTIC_SAMPLERS = ("adam1", "adam2", "adam3", "adam4", "euler")
 
-DENOISER_FOR_FAMILY = {"pixel": "PixNerDiT", "latent": "DDT"}
+# The one-step members (spec one-step.md): a generator decoded in one pass at t = 0 (cod.models.onestep).
+DENOISER_FOR_FAMILY = {"pixel": "PixNerDiT", "latent": "DDT", "onestep-cod": "OneStepCoD",
+                       "cod-lite": "OneStepCoDLite"}
+ONESTEP_FAMILIES = ("onestep-cod", "cod-lite")
+# What a one-step family records as its sampling (cod.models.onestep_presets.ONESTEP_SAMPLING): one Euler step,
+# no guidance. Any other value would describe a decode these models do not run.
+ONESTEP_SAMPLING_FIXED = {"sampler": "euler", "steps": 1, "cfg": 1.0}
 
 # Files every model directory may contain under these names; a VAE file of the same name would be overwritten
 # (or read as the wrong network) by CoDModel.save and load.
@@ -62,6 +68,9 @@ MAX_NUM_BLOCKS = 128
 MAX_HIDDEN_SIZE_X = 256
 MAX_NERF_MLPRATIO = 8
 MAX_ENCODER_WIDTH = 512
+MAX_MLP_RATIO = 8     # DConv's DiCo blocks (released: 4)
+MAX_NOISE_LEVEL = 100.0  # one-step input noise scale (released: 0 or 1)
+LITE_DS = (4, 8, 16, 32)  # the CoD-Lite codec (cod.models.condition_codec.lite_condition_codec)
 MAX_CODEBOOK_BITS = 16  # the VQ codebook has 2^bits rows; the bit packer and the rate table stop at 16
 MAX_PARAMETERS = 3_000_000_000
 GROUP_NORM_GROUPS = 32  # the condition codec's GroupNorm(32) runs over hidden_size and encoder_width channels
@@ -212,11 +221,11 @@ def validate_config(config: object, source: str,
     _check_preset(config, errors)
     family = config.get("family")
     if not (isinstance(family, str) and family in DENOISER_FOR_FAMILY):
-        errors.add("family", family, "'pixel' or 'latent'", required="family" not in config)
+        errors.add("family", family, ", ".join(f"'{f}'" for f in DENOISER_FOR_FAMILY), required="family" not in config)
         family = None
     _check_denoiser(config, family, errors)
     _check_latent(config, family, errors)
-    _check_sampling(config, errors)
+    _check_sampling(config, family, errors)
     fingerprint = config.get("fingerprint")
     if not (isinstance(fingerprint, str) and _HEX64.fullmatch(fingerprint)):
         errors.add("fingerprint", fingerprint, "the sha256 of model.safetensors: 64 lowercase hex digits",
@@ -297,13 +306,33 @@ def _kwarg_rules(cls: str) -> dict:
                           f"a multiple of {GROUP_NORM_GROUPS} in {GROUP_NORM_GROUPS}..{MAX_ENCODER_WIDTH}"),
     }
     # Condition tokens are 16x16 pixels for every model: 16-pixel patches, or 2-cell patches of the 8x latent.
-    if cls == "PixNerDiT":
+    pixel = {
+        "in_channels": (lambda v: _is_int(v) and v == 3, "3 (RGB)"),
+        "patch_size": (lambda v: _is_int(v) and v == 16, "16 (condition tokens are 16x16 pixels)"),
+    }
+    onestep = {
+        "noise_level": (lambda v: _is_number(v) and 0 <= v <= MAX_NOISE_LEVEL,
+                        f"a number in [0, {MAX_NOISE_LEVEL:g}] (released models: 0, or 1 for a stochastic decode)"),
+        "pred": (lambda v: v in ("x", "v"), "'x' or 'v'"),
+    }
+    if cls in ("PixNerDiT", "OneStepCoD"):
         return {
-            "in_channels": (lambda v: _is_int(v) and v == 3, "3 (RGB)"),
-            "patch_size": (lambda v: _is_int(v) and v == 16, "16 (condition tokens are 16x16 pixels)"),
-            **common,
+            **pixel, **common,
             "hidden_size_x": (_int_in(1, MAX_HIDDEN_SIZE_X), f"an integer 1..{MAX_HIDDEN_SIZE_X}"),
             "nerf_mlpratio": (_int_in(1, MAX_NERF_MLPRATIO), f"an integer 1..{MAX_NERF_MLPRATIO}"),
+            **(onestep if cls == "OneStepCoD" else {}),
+        }
+    if cls == "OneStepCoDLite":  # DConv (spec one-step.md §3): no attention heads, a fixed codec encoder width
+        lite = {k: v for k, v in common.items() if k not in ("num_groups", "encoder_width")}
+        return {
+            **pixel, **lite,
+            "ds": (lambda v: _is_int(v) and v in LITE_DS, f"one of {', '.join(map(str, LITE_DS))}"),
+            "up2x": (lambda v: v is True, "true (every CoD-Lite codec)"),
+            "hidden_size_x": (_int_in(1, MAX_HIDDEN_SIZE_X), f"an integer 1..{MAX_HIDDEN_SIZE_X}"),
+            "mlp_ratio": (lambda v: _is_number(v) and 1 <= v <= MAX_MLP_RATIO, f"a number in [1, {MAX_MLP_RATIO}]"),
+            "bottleneck_dim": (_int_in(1, MAX_HIDDEN_SIZE), f"an integer 1..{MAX_HIDDEN_SIZE}"),
+            "light": (lambda v: isinstance(v, bool), "true or false"),
+            **onestep,
         }
     return {
         "in_channels": (lambda v: _is_int(v) and v == 4, "4 (the VAE's latent channels)"),
@@ -322,7 +351,7 @@ def _check_denoiser(config: dict, family: str | None, errors: _Errors) -> None:
         errors.add("denoiser.class", cls, f"'{expected}' for the {family} family", required="class" not in spec)
         cls = expected  # check the kwargs against what the family needs
     elif expected is None and cls not in DENOISER_FOR_FAMILY.values():
-        errors.add("denoiser.class", cls, "'PixNerDiT' (pixel family) or 'DDT' (latent family)",
+        errors.add("denoiser.class", cls, ", ".join(f"'{c}' ({f} family)" for f, c in DENOISER_FOR_FAMILY.items()),
                    required="class" not in spec)
         cls = None
     if cls is None:
@@ -330,7 +359,8 @@ def _check_denoiser(config: dict, family: str | None, errors: _Errors) -> None:
             errors.add("denoiser.kwargs", spec.get("kwargs"), "an object", required="kwargs" not in spec)
         return
     rules = _kwarg_rules(cls)
-    kwargs = _check_object(spec, "kwargs", "denoiser.kwargs", errors, tuple(rules), optional=("rope_step",))
+    kwargs = _check_object(spec, "kwargs", "denoiser.kwargs", errors, tuple(rules),
+                           optional=() if cls == "OneStepCoDLite" else ("rope_step",))
     if kwargs is None:
         return
     ok = {}
@@ -369,9 +399,9 @@ def _check_latent(config: dict, family: str | None, errors: _Errors) -> None:
     latent = config.get("latent", ...)
     if family is None and latent in (None, ...):
         return  # the family is already reported and the latent section may be right whichever it should be
-    if family == "pixel":
+    if family != "latent":
         if latent is not None:
-            errors.add("latent", latent, "null for a pixel model", required=latent is ...)
+            errors.add("latent", latent, f"null for a {family} model", required=latent is ...)
         return
     lat = _check_object(config, "latent", "latent", errors, LATENT_KEYS)
     if lat is None:
@@ -423,10 +453,14 @@ def file_name_problem(name: object, reserved_ok: bool = False) -> str | None:
     return None
 
 
-def _check_sampling(config: dict, errors: _Errors) -> None:
+def _check_sampling(config: dict, family: str | None, errors: _Errors) -> None:
     s = _check_object(config, "sampling", "sampling", errors, tuple(DEFAULT_SAMPLING))
     if s is None:
         return
+    if family in ONESTEP_FAMILIES:
+        for key, value in ONESTEP_SAMPLING_FIXED.items():
+            if key in s and s[key] != value:
+                errors.add(f"sampling.{key}", s[key], f"{_show(value)} (a {family} model decodes in one pass)")
     if "sampler" in s and not (isinstance(s["sampler"], str) and s["sampler"] in DETERMINISTIC_SAMPLERS):
         errors.add("sampling.sampler", s["sampler"],
                    f"one of {', '.join(DETERMINISTIC_SAMPLERS)} (deterministic samplers only: the SDE samplers "
@@ -489,7 +523,7 @@ def _dit_block(D: int, heads: int) -> int:
     return 2 * D + attention + 3 * D * hidden + _linear(D, 6 * D)
 
 
-def _codec(D: int, ds: int, bits: int, up2x: bool, width: int, latent_dim: int = 128) -> int:
+def _codec(D: int, ds: int, bits: int, up2x: bool, width: int, latent_dim: int = 128, light: bool = False) -> int:
     c1, c2, c4, c8 = width, 2 * width, 4 * width, 8 * width
     enc = _conv(3, c1, 3) + 2 * _res(c1) + _conv(c1, c1, 3) + 2 * _res(c1) + (_conv(c1, c1, 3) if ds >= 8 else 0)
     enc += _res(c1, c2) + _res(c2) + (_conv(c2, c2, 3) if ds >= 16 else 0)
@@ -510,16 +544,34 @@ def _codec(D: int, ds: int, bits: int, up2x: bool, width: int, latent_dim: int =
         dec += 4 * _res(D)
     dec += 2 * _conv(D, D, 3) + _res(D) if stride == 4 else _conv(D, D, 3)
     dec += _res(D) if stride == 32 else 0
+    if light:  # the CoD-Lite decoder block ends one attention block and one ResBlock earlier
+        dec -= _attn2d(D) + _res(D)
     return enc + vq + dec
+
+
+def _dconv(kw: dict) -> int:
+    """DConv (CoD-Lite, cod/models/dconv.py)."""
+    D, Dx, C, p, F = kw["hidden_size"], kw["hidden_size_x"], kw["in_channels"], kw["patch_size"], \
+        int(kw["hidden_size"] * kw["mlp_ratio"])
+    n = _codec(D, kw["ds"], kw["codebook_bits"], True, 128, light=kw["light"])
+    n += _linear(256, D) + _linear(D, D) + _conv(D, Dx * p * p, 1) + _linear(C + Dx + 64, Dx)
+    n += C * kw["bottleneck_dim"] * p * p + _conv(kw["bottleneck_dim"] + D, D, 1)  # s_embedder (proj1: no bias)
+    dico = 3 * _conv(D, D, 1) + 10 * D + _conv(D, F, 1) + _conv(F, D, 1) + _linear(D, 6 * D)  # 10 D: depthwise 3x3
+    pixel = 2 * Dx + 2 * _linear(Dx, Dx) + _linear(Dx, 3 * Dx)
+    n += kw["num_cond_blocks"] * dico + _linear(D, p * p * Dx) + _linear(Dx, Dx)
+    n += (kw["num_blocks"] - kw["num_cond_blocks"]) * pixel + Dx + _linear(Dx, C)
+    return n
 
 
 def parameter_count(cls: str, kw: dict) -> int:
     """Number of parameters of `cls(**kw)` (kw already valid), computed without building it."""
+    if cls == "OneStepCoDLite":
+        return _dconv(kw)
     D, heads, C, p = kw["hidden_size"], kw["num_groups"], kw["in_channels"], kw["patch_size"]
     n = _codec(D, kw["ds"], kw["codebook_bits"], kw["up2x"], kw["encoder_width"])
     n += _linear(C * p * p + D, D) + _linear(256, D) + _linear(D, D)  # s_embedder, t_embedder
     n += kw["num_cond_blocks"] * _dit_block(D, heads)
-    if cls == "PixNerDiT":
+    if cls in ("PixNerDiT", "OneStepCoD"):
         Dx, r = kw["hidden_size_x"], kw["nerf_mlpratio"]
         n += _linear(C + Dx + 64, Dx) + _linear(D, Dx * p * p) + Dx + _linear(Dx, C)
         n += (kw["num_blocks"] - kw["num_cond_blocks"]) * (_linear(D, 2 * Dx * Dx * r) + Dx)

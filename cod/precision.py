@@ -48,11 +48,12 @@ class Policy:
     keep_fp32: tuple[str, ...] = ()        # denoiser submodules left in float32 (boundary hooks cast around them)
 
 
-# The decode side of a denoiser, in forward order (submodules a model lacks are skipped: DDT has no y_embedder_x).
+# The decode side of a denoiser, in forward order (submodules a model lacks are skipped: DDT has no y_embedder_x,
+# only CoD-Lite's DConv has the per-pixel MLP `dec_net`).
 # The condition encoder and the codebook (`y_embedder.encoder`, `y_embedder.bottleneck`) are never listed:
 # compress runs them. KEEP_FP32 lists what stays float32 within it (the module docstring says why).
 DECODE_MODULES = ("y_embedder.decoder", "t_embedder", "s_embedder", "x_embedder", "y_embedder_x", "blocks",
-                  "final_layer")
+                  "dec_net", "final_layer")
 KEEP_FP32 = ("y_embedder.decoder", "t_embedder", "final_layer.linear")
 POLICIES = {
     "fp32": Policy(torch.float32),

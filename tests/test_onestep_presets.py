@@ -40,3 +40,14 @@ def test_released_presets_build_with_their_rate(name):
     assert isinstance(net, OneStepCoD if preset.member == "cod" else OneStepCoDLite)
     nominal = float(name.split("-")[2])  # the released name carries the nominal rate bits / ds^2
     assert net.codec.up2x and net.codec.bits / net.codec.ds ** 2 == pytest.approx(nominal, rel=0.01)
+
+
+@pytest.mark.parametrize("name", list(ONESTEP_PRESETS))
+def test_config_parameter_count_matches_the_built_model(name):
+    """cod.model_config bounds a model directory's size by this count before anything is built."""
+    from cod.model_config import parameter_count
+
+    preset = ONESTEP_PRESETS[name]
+    with torch.device("meta"):
+        net = preset.build()
+    assert parameter_count(preset.denoiser_class, preset.kwargs) == sum(p.numel() for p in net.parameters())

@@ -16,6 +16,8 @@ from conftest import ROOT
     ["tools/bench_codec.py", "--presets", "tiny-pixel", "--sizes", "32", "--steps", "2", "--precision", "fp32,bf16",
      "--repeats", "1", "--threads", "1"],
     ["tools/bench_entropy.py", "coder", "--n", "3000", "--lanes", "8", "--trials", "2", "--repeats", "1"],
+    ["tools/bench_onestep.py", "--cases", "tiny-cod-lite@64x48,tiny-onestep-cod@32x32", "--repeats", "1",
+     "--threads", "1"],
 ])
 def test_benchmark_script_runs(args):
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}

@@ -21,7 +21,7 @@ from cod.codec import container
 from cod.codec.bitpack import packed_size
 from cod.codec.coders import EntropyCoder, FixedLengthCoder, no_prior_message
 from cod.codec.container import BitstreamError, DecodeParams, Header
-from cod.compat.official_format import read_official, write_official
+from cod.compat.official_format import read_official, read_official_lite, write_official, write_official_lite
 from cod.files import MiB
 from cod.images import as_rgb8  # noqa: F401 - part of this module's API
 from cod.limits import Limits, check_pixels
@@ -106,6 +106,14 @@ def _padded_batch(arrays: list[np.ndarray], model) -> torch.Tensor:
     return torch.cat(out)
 
 
+def official_header(model):
+    """(write, read) of the release's .cod header for this model: height first (CoD, One-step CoD) or width first
+    (CoD-Lite); both read back correctly (cod.compat.official_format)."""
+    if model.official_width_first:
+        return write_official_lite, read_official_lite
+    return write_official, read_official
+
+
 def _check_sampler(name: str) -> None:
     if name not in CODEC_SAMPLERS:
         raise ValueError(f"sampler '{name}' cannot be used for .cod files (choose one of {list(CODEC_SAMPLERS)}: "
@@ -120,6 +128,8 @@ def stored_params(model, fmt: str = "cod", sampler: str | None = None, steps: in
         raise ValueError(f"format must be one of {FORMATS}, got '{fmt}'")
     if steps is not None and steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
+    model.check_decode_options({k: v for k, v in (("sampler", sampler), ("steps", steps), ("cfg", cfg))
+                                if v is not None})
     d = model.config["sampling"]
     default = DecodeParams(d["sampler"], int(d["steps"]), float(d["cfg"]), 0)
     params = DecodeParams(sampler or default.sampler, default.steps if steps is None else int(steps),
@@ -169,7 +179,7 @@ def compress(model, images, fmt: str = "cod", batch_size: int = 1, sampler: str 
             H, W = arrays[i].shape[:2]
             payload = fixed.encode(idx)
             if fmt == "official":
-                out[i] = write_official(payload, H, W)
+                out[i] = official_header(model)[0](payload, H, W)
                 continue
             header, key = Header(H, W, container.model_tag(model.fingerprint), params=params), b""
             if coder is not None:
@@ -202,7 +212,7 @@ def parse(model, data: bytes, fmt: str = "cod", limits: Limits = Limits()) -> tu
     if len(data) > MAX_FILE_BYTES:
         raise BitstreamError(f"{len(data)} bytes is larger than any .cod file ({MAX_FILE_BYTES} bytes)")
     if fmt == "official":
-        H, W, payload = read_official(data)
+        H, W, payload = official_header(model)[1](data)
         if (H, W) != padded_size(model, H, W):
             raise BitstreamError(f"official file says {H}x{W}, which is not a multiple of this model's "
                                  f"{model.size_multiple}-pixel size multiple: wrong model or corrupted file")
@@ -243,6 +253,7 @@ def decode_options(header: Header, sampler: str | None = None, steps: int | None
 
 def check_decodable(model, header: Header, options: dict, limits: Limits = Limits(), name: str = "file") -> None:
     """Refuse a parsed file whose decode is over the limits (pixels, steps, estimated work), before sampling."""
+    model.check_decode_options(options)
     steps = options.get("steps", model.config["sampling"]["steps"])
     limits.check_decode(model, header.height, header.width, int(steps), name)
 

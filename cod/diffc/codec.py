@@ -33,6 +33,7 @@ from cod.diffusion.flow import sampling_grid
 from cod.diffusion.samplers import adams_coefficients, apply_guidance
 from cod.images import as_rgb8
 from cod.limits import Limits, check_pixels, decode_tflop
+from cod.model_config import ONESTEP_FAMILIES
 
 FLAG_CONDITIONAL = 0x80
 FLAG_PARITY = 0x40
@@ -101,6 +102,9 @@ class Geometry:
 
 
 def geometry(model, height: int, width: int) -> Geometry:
+    if model.family in ONESTEP_FAMILIES:  # cod.model.OneStepModel: no diffusion trajectory to code
+        raise ValueError(f"DiffC needs a diffusion model (a pixel or latent CoD); this is a {model.family} model, "
+                         f"which decodes in one pass: use `cod compress` / `cod decompress` with it")
     ph, pw = padded_size(model, height, width)
     return Geometry(height, width, (ph, pw), tuple(model.model_shape(ph, pw)))
 

@@ -131,7 +131,7 @@ class OneStepCoD(OneStepDecoding, PixNerDiT):
         return self
 
     def raw_prediction(self, x0: torch.Tensor, t: torch.Tensor, y, cond) -> torch.Tensor:
-        return self(x0, t, y, cond)[0]  # PixNerDiT returns its raw output (x or v by training)
+        return self(x0, t, y, cond=cond)[0]  # PixNerDiT returns its raw output (x or v by training)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -176,4 +176,4 @@ class OneStepCoDLite(OneStepDecoding, DConv):
         return self
 
     def raw_prediction(self, x0: torch.Tensor, t: torch.Tensor, y, cond) -> torch.Tensor:
-        return self(x0, t, y, cond, return_pred=True)[0]  # the network's output, not the derived velocity
+        return self(x0, t, y, cond=cond, return_pred=True)[0]  # the network's output, not the derived velocity

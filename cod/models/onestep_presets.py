@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cod.models.presets import PRESETS
+from cod.models.presets import DEFAULT_SAMPLING, PRESETS
+
+# Model-directory family of each member (cod/model_config.py) and the denoiser class it builds.
+FAMILIES = {"cod": "onestep-cod", "lite": "cod-lite"}
+DENOISER_CLASSES = {"cod": "OneStepCoD", "lite": "OneStepCoDLite"}
+# A one-step decode is one Euler step over the whole interval [0, 1] without guidance (exactly so for pred='v';
+# pred='x' outputs the image directly): what a model directory of these families records as its sampling, so
+# that .cod files, limits and `cod info` describe it in the terms of every other model.
+ONESTEP_SAMPLING = {**DEFAULT_SAMPLING, "sampler": "euler", "steps": 1, "cfg": 1.0}
 
 
 @dataclass(frozen=True)
@@ -24,10 +32,25 @@ class OneStepPreset:
 
         return (OneStepCoD if self.member == "cod" else OneStepCoDLite)(**self.kwargs)
 
+    # The interface of cod.models.presets.Preset, so that cod.model.build_config writes either kind.
+    @property
+    def family(self) -> str:
+        return FAMILIES[self.member]
+
+    @property
+    def denoiser_class(self) -> str:
+        return DENOISER_CLASSES[self.member]
+
+    @property
+    def denoiser(self) -> dict:
+        return self.kwargs
+
+    vae_preset = None
+    sampling = ONESTEP_SAMPLING
+
 
 def _cod(ds: int, bits: int, noise_level: float = 0.0, size: str = "pixel-xl") -> dict:
-    kwargs = {k: v for k, v in PRESETS[size].denoiser.items() if k != "encoder_width"}
-    return dict(kwargs, ds=ds, codebook_bits=bits, noise_level=noise_level, pred="x")
+    return dict(PRESETS[size].denoiser, ds=ds, codebook_bits=bits, noise_level=noise_level, pred="x")
 
 
 def _lite(ds: int, bits: int, hidden=384, hidden_x=32, blocks=24, cond_blocks=21, light=True) -> dict:
@@ -37,7 +60,7 @@ def _lite(ds: int, bits: int, hidden=384, hidden_x=32, blocks=24, cond_blocks=21
 
 
 _TINY_COD = dict(in_channels=3, patch_size=16, num_groups=4, hidden_size=64, hidden_size_x=16, num_blocks=10,
-                 num_cond_blocks=8, nerf_mlpratio=2, up2x=True, noise_level=0.0, pred="x")
+                 num_cond_blocks=8, nerf_mlpratio=2, up2x=True, encoder_width=128, noise_level=0.0, pred="x")
 
 ONESTEP_PRESETS: dict[str, OneStepPreset] = {
     # One-step CoD (HF zhaoyangjia/CoD, finetuned_one_step_cod/)
@@ -76,3 +99,21 @@ def get_onestep_preset(name: str, ds: int | None = None, bits: int | None = None
     if bits is not None:
         kwargs["codebook_bits"] = bits
     return OneStepPreset(preset.member, kwargs, preset.description)
+
+
+DECODE_KEYS = ("noise_level", "pred")  # settings a released file may choose differently from its preset
+
+
+def matching_preset(member: str, kwargs: dict) -> tuple[str | None, dict]:
+    """The preset of this member (released sizes before tiny ones) whose constructor arguments equal kwargs, else
+    the one that differs only in the decode settings noise_level / pred, with those differences as
+    {key: (preset's, kwargs')}; (None, {}) when no preset has this architecture and rate."""
+    names = sorted((n for n, p in ONESTEP_PRESETS.items() if p.member == member), key=lambda n: n.startswith("tiny"))
+    exact = [n for n in names if ONESTEP_PRESETS[n].kwargs == kwargs]
+    if exact:
+        return exact[0], {}
+    for name in names:
+        preset = ONESTEP_PRESETS[name].kwargs
+        if set(preset) == set(kwargs) and all(preset[k] == v for k, v in kwargs.items() if k not in DECODE_KEYS):
+            return name, {k: (preset[k], kwargs[k]) for k in DECODE_KEYS if preset[k] != kwargs[k]}
+    return None, {}

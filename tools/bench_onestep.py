@@ -1,0 +1,128 @@
+"""One-step decode speed (CoD-Lite, One-step CoD): indices -> image, the whole decompress path of `cod decompress`
+(codebook rows, the codec's decoder, one pass of the generator), per case, precision and modulation:
+
+  folded  the t = 0 adaLN modulation folded into constants (what cod.load serves)
+  live    the blocks compute it from the time embedding at every call (the release before its eval() cache)
+
+    python tools/bench_onestep.py                                   # the cases of docs/benchmarks.md
+    python tools/bench_onestep.py --cases cod-lite-0.0039@720x480 --precision fp32,bf16 --repeats 5
+    python tools/bench_onestep.py --cases onestep-cod-0.0039@512x512 --precision bf16 --modulation folded
+
+A case is PRESET@WIDTHxHEIGHT (cod.models.onestep_presets); the image is padded to the model's size multiple as
+the codec does (720x480 -> 736x480 for ds 32). Weights are random (seed 0): speed does not depend on them. All
+variants of a case are built, decoded once each to warm up, then timed round-robin --repeats times (so that a
+changing load on a shared machine hits every variant alike); the best time of each is reported, with the FLOPs of
+the decode (cod.limits.decode_tflop: matrix products and convolutions) and the achieved GFLOP/s. Times are
+wall-clock on --threads threads; "core-s" is time x threads, the single-core cost. The load average before and
+after each case is printed: compare variants only within one run.
+
+Published figures (spec one-step.md; the release's README): CoD-Lite 720x480 decodes in 13 ms on an A100 and in
+65 ms on a many-core EPYC.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from cod.limits import decode_tflop
+from cod.model import OneStepModel, build_config
+from cod.models.onestep_presets import get_onestep_preset
+from cod.precision import prepare_denoiser
+
+DEFAULT_CASES = "cod-lite-0.0039@720x480,cod-lite-0.0039@1920x1024,onestep-cod-0.0039@512x512"
+PUBLISHED = {("cod-lite-0.0039", 720, 480): "release: 13 ms A100, 65 ms many-core EPYC"}
+
+
+def build(preset: str) -> OneStepModel:
+    torch.manual_seed(0)
+    spec = get_onestep_preset(preset)
+    return OneStepModel(build_config(spec, preset), spec.build().eval())
+
+
+def variant(base: OneStepModel, precision: str, modulation: str) -> OneStepModel:
+    model = copy.deepcopy(base)
+    if modulation == "folded":
+        model.fold_modulation()
+    if precision != "fp32":
+        if modulation == "folded":
+            model.set_precision(precision)
+        else:  # set_precision folds first (folded vectors are computed in float32): convert the live model directly
+            prepare_denoiser(model.denoiser, precision)
+            model.precision = precision
+    return model
+
+
+def time_decodes(models: dict, indices: torch.Tensor, height: int, width: int, repeats: int) -> dict[str, float]:
+    """Best time per model, the decodes interleaved round-robin after one warm-up decode each (allocator, oneDNN
+    primitive caches)."""
+    best = dict.fromkeys(models, float("inf"))
+    with torch.no_grad():
+        for model in models.values():
+            model.decode(indices, height, width)
+        for _ in range(repeats):
+            for key, model in models.items():
+                start = time.perf_counter()
+                model.decode(indices, height, width)
+                best[key] = min(best[key], time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", default=DEFAULT_CASES, help="comma-separated PRESET@WIDTHxHEIGHT")
+    ap.add_argument("--precision", default="fp32,bf16")
+    ap.add_argument("--modulation", default="folded,live")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+          f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)")
+    rows = []
+    for case in args.cases.split(","):
+        preset, size = case.split("@")
+        width, height = (int(v) for v in size.split("x"))
+        base = build(preset)
+        m = base.size_multiple
+        ph, pw = -(-height // m) * m, -(-width // m) * m
+        h, w = base.codec.index_grid(ph, pw)
+        indices = torch.randint(0, base.codec.bottleneck.num_codes, (1, h, w),
+                                generator=torch.Generator().manual_seed(0))
+        base._fingerprint = "0" * 64  # not needed for timing; skips hashing the weights
+        tflop = decode_tflop(base, ph, pw, 1)
+        load = os.getloadavg()[0]
+        print(f"\n{preset} {width}x{height} (decoded at {pw}x{ph}, {tflop * 1e3:.1f} GFLOP), load {load:.1f}"
+              + (f"; {PUBLISHED[(preset, width, height)]}" if (preset, width, height) in PUBLISHED else ""))
+        print("\n| precision | modulation | time (s) | core-s | GFLOP/s |\n|---|---|---:|---:|---:|")
+        models = {(precision, modulation): variant(base, precision, modulation)
+                  for precision in args.precision.split(",") for modulation in args.modulation.split(",")}
+        del base
+        times = time_decodes(models, indices, ph, pw, args.repeats)
+        del models
+        for (precision, modulation), t in times.items():
+            rows.append({"preset": preset, "width": width, "height": height, "padded": [pw, ph],
+                         "precision": precision, "modulation": modulation, "seconds": t,
+                         "core_seconds": t * args.threads, "gflop": tflop * 1e3, "gflops": tflop * 1e3 / t,
+                         "threads": args.threads, "load_before": load})
+            print(f"| {precision} | {modulation} | {t:.3f} | {t * args.threads:.3f} | {tflop * 1e3 / t:.1f} |")
+        for precision in args.precision.split(","):
+            if (precision, "live") in times and (precision, "folded") in times:
+                print(f"{precision}: folded is {times[(precision, 'live')] / times[(precision, 'folded')]:.2f}x "
+                      f"the speed of live")
+        print(f"load after: {os.getloadavg()[0]:.1f}")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
+                                         "torch": torch.__version__, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
