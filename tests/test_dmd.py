@@ -3,6 +3,7 @@ which networks each step trains, and the fixture's stand-ins for LPIPS / DINOv2 
 through the module's seams."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -306,14 +307,25 @@ def test_cod_fit_runs_the_tiny_recipe_and_never_replaces_its_student(tmp_path, m
     monkeypatch.chdir(tmp_path)
     run = ["fit", "--config", str(CONF / "dmd-tiny.yaml"), "--trainer.max_steps", "2", "--data.size", "32"]
     assert main(run) == 0
-    student = tmp_path / "runs" / "dmd-tiny" / "student.safetensors"
-    get_onestep_preset("mini-onestep-cod").build().load_state_dict(load_file(str(student)))  # strict: the layout
-    assert "student.safetensors" in capsys.readouterr().out
-    before = student.read_bytes()
+    student = tmp_path / "runs" / "dmd-tiny" / "student"
+    assert "as the model directory runs/dmd-tiny/student" in capsys.readouterr().out
+    import cod
+
+    model = cod.load(student)  # a one-step model directory: fingerprinted weights of the preset's layout
+    assert type(model).__name__ == "OneStepModel" and model.config["preset"] == "mini-onestep-cod"
+    get_onestep_preset("mini-onestep-cod").build().load_state_dict(load_file(str(student / "model.safetensors")))
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    assert main(["compress", "--model", str(student), str(tmp_path / "a.png"), "-o", str(tmp_path / "a.cod")]) == 0
+    assert main(["decompress", "--model", str(student), str(tmp_path / "a.cod"), "-o", str(tmp_path / "b.png")]) == 0
+    assert Image.open(tmp_path / "b.png").size == (48, 32)
+    before = (student / "model.safetensors").read_bytes()
+    capsys.readouterr()
     assert main(run) == 1  # refused before training: it would replace the first run's student
     err = capsys.readouterr().err
-    assert err.count("cod: error:") == 1 and "export_path" in err and "exists" in err
-    assert student.read_bytes() == before
+    assert err.count("cod: error:") == 1 and "export_dir" in err and "exists" in err
+    assert (student / "model.safetensors").read_bytes() == before
 
 
 def test_missing_pretrained_weights_name_the_download_and_the_setting(monkeypatch):

@@ -178,7 +178,8 @@ class DMDDistillation(L.LightningModule):
     discriminator / perceptual: modules (class_path in YAML): None builds the release's (DINOv2 heads, LPIPS
         vgg + 0.5 alex), which need local weights; repa: the REPA target's settings (cod.training.repa; or, in
         Python, a module with `enabled`, `dim` and forward(y, tokens)), None trains without the cosine term.
-    export_path: at the end of training the student's weights (unfolded layout) are written there as safetensors.
+    export_dir: at the end of training the student is written there as a one-step model directory (cod.load,
+        `cod compress/decompress/evaluate --model DIR`); needs the student as a preset name.
     """
 
     FROZEN = ("dmd.teacher.", "discriminator.features.", "perceptual.", "repa_target.")
@@ -190,7 +191,7 @@ class DMDDistillation(L.LightningModule):
                  lr_gamma: float = 0.1, betas: tuple[float, float] = (0.9, 0.999), align_layer: int = 8,
                  l1_weight: float = 1.0, perceptual_weight: float = 1.0, dmd_weight: float = 2.0,
                  gan_weight: float = 0.01, net_loss_weight: float = 1.0, feat_loss_weight: float = 0.5,
-                 seed: int = 0, export_path: str | None = None, export_overwrite: bool = False):
+                 seed: int = 0, export_dir: str | None = None, export_overwrite: bool = False):
         super().__init__()
         built = [name for name, value in (("student", student), ("teacher", teacher), ("repa", repa))
                  if isinstance(value, nn.Module)]
@@ -355,28 +356,43 @@ class DMDDistillation(L.LightningModule):
         return super().load_state_dict({**state_dict, **own}, strict=strict, assign=assign)
 
     def setup(self, stage: str) -> None:
-        path = self.hparams.export_path
-        if stage == "fit" and path and os.path.lexists(path) and not self.hparams.export_overwrite:
-            raise OutputExistsError(f"model.export_path {path} exists already (an earlier run's student?): set a "
-                                    f"new --model.export_path, or --model.export_overwrite true to replace it at the "
-                                    f"end of this run")
+        path = self.hparams.export_dir
+        if stage != "fit" or not path:
+            return
+        if not isinstance(self.hparams.get("student"), str):
+            raise ValueError("model.export_dir needs the student as a one-step preset name (model.student), which "
+                             "names its architecture in the model directory")
+        if os.path.lexists(path) and not self.hparams.export_overwrite:
+            raise OutputExistsError(f"model.export_dir {path} exists already (an earlier run's student?): set a new "
+                                    f"--model.export_dir, or --model.export_overwrite true to replace it at the end "
+                                    f"of this run")
 
-    def save_student(self, path: str | Path, overwrite: bool = False) -> Path:
-        """The student's weights (unfolded layout, the release's `net.` keys without the prefix) as safetensors,
-        written atomically."""
-        from safetensors.torch import save
+    def export_model(self):
+        """The student as a one-step model (cod.model.OneStepModel) of its preset, float32 on the CPU, unfolded."""
+        from cod.model import OneStepModel, build_config, build_denoiser
+        from cod.models.onestep_presets import get_onestep_preset
+        from cod.models.state_dict import load_state_strict
 
-        from cod.files import atomic_write_bytes
+        name = self.hparams.student
+        config = build_config(get_onestep_preset(name), name)
+        with torch.device("cpu"):
+            net = build_denoiser(config)
+        load_state_strict(net, {k: v.detach().float().cpu() for k, v in self.student.state_dict().items()},
+                          "the distilled student")
+        return OneStepModel(config, net.eval(), None)
 
-        state = {k: v.detach().contiguous().cpu() for k, v in self.student.state_dict().items()}
-        meta = {"format": "cod-onestep-student", "student": str(self.hparams.get("student", "custom")), "step": str(self.global_step)}
-        atomic_write_bytes(path, save(state, metadata=meta), overwrite=overwrite)
-        return Path(path)
+    def save_student(self, out_dir: str | Path, overwrite: bool = False) -> Path:
+        """The student as a model directory, written as a whole (cod.model.CoDModel.save)."""
+        card = {"provenance": f"distilled by cod (DMD + GAN, cod.training.dmd) from the teacher "
+                              f"{self.hparams.get('teacher')}, student preset {self.hparams.student}, step "
+                              f"{self.global_step}"}
+        return self.export_model().save(out_dir, card=card, overwrite=overwrite)
 
     def on_train_end(self):
-        if self.hparams.export_path and self.trainer.is_global_zero:
-            out = self.save_student(self.hparams.export_path, overwrite=self.hparams.export_overwrite)
-            print(f"wrote the distilled student's weights (step {self.global_step}) to {out}")
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            out = self.save_student(self.hparams.export_dir, overwrite=self.hparams.export_overwrite)
+            print(f"exported the distilled student (step {self.global_step}) as the model directory {out}; use it "
+                  f"with `cod compress --model {out} IMAGES -o OUT` and `cod decompress --model {out} FILES -o OUT`")
 
 
 def _release_discriminator() -> nn.Module:
