@@ -27,9 +27,57 @@ from cod.models.vq import VectorQuantizer
 
 TOKEN_STRIDE = 16  # pixels per condition token for every CoD configuration
 
+# Bytes of one activation above which the encoder's convolutions run in strips of rows when no gradient is needed.
+# At full resolution (a 12-megapixel photo is 2000x1504 positions after the first conv) an eager ResBlock holds four
+# activations besides its input, and each convolution converts its input and output to oneDNN's blocked layout
+# (more copies of the same size); in strips it holds its input, one normalised copy and its output, and the
+# conversions are strip-sized. The strips compute exactly what the whole convolution does (tests/test_bounded_memory.py).
+STRIP_ABOVE_BYTES = 64 * 2 ** 20
+STRIP_BYTES = 16 * 2 ** 20  # input bytes per strip
+MIN_STRIP_ROWS = 8
+
 
 def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+def in_strips(x: torch.Tensor) -> bool:
+    """Whether the convolutions over x run in strips (a large activation, no autograd)."""
+    return not (torch.is_grad_enabled() and x.requires_grad) and x.numel() * x.element_size() > STRIP_ABOVE_BYTES \
+        and x.device.type == "cpu" and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+
+
+def conv2d_strips(conv: nn.Conv2d, x: torch.Tensor, pad: tuple[int, int, int, int], add: torch.Tensor | None = None,
+                  channels_last: bool = False) -> torch.Tensor:
+    """conv(x zero-padded by pad = (left, right, top, bottom)) [+ add], computed in strips of output rows into one
+    preallocated output; each strip reads its rows of x and the kernel's halo. channels_last: run the strips in that
+    layout (what oneDNN picks for a whole convolution of few input channels, so the strips round the same way)."""
+    k, s = conv.kernel_size[0], conv.stride[0]
+    left, right, top, bottom = pad
+    B, C, H, W = x.shape
+    Ho, Wo = (H + top + bottom - k) // s + 1, (W + left + right - k) // s + 1
+    out = x.new_empty(B, conv.out_channels, Ho, Wo)
+    # Strips of near-equal height, at least MIN_STRIP_ROWS: oneDNN computes a one-row output with other
+    # arithmetic than the whole convolution (measured: it then differs by rounding), from two rows on the same.
+    rows = max(MIN_STRIP_ROWS, STRIP_BYTES // (B * C * (W + left + right) * s * x.element_size()))
+    rows = -(-Ho // -(-Ho // rows))
+    for r0 in range(0, Ho, rows):
+        r1 = min(Ho, r0 + rows)
+        i0, i1 = r0 * s - top, (r1 - 1) * s - top + k
+        strip = x[:, :, max(0, i0):min(H, i1)]
+        if left == right:  # the convolution's own padding on the sides, as the whole convolution has it
+            strip = F.pad(strip, (0, 0, max(0, -i0), max(0, i1 - H)))
+            padding = (0, left)
+        else:
+            strip = F.pad(strip, (left, right, max(0, -i0), max(0, i1 - H)))
+            padding = 0
+        if channels_last:
+            strip = strip.contiguous(memory_format=torch.channels_last)
+        o = F.conv2d(strip, conv.weight, conv.bias, stride=s, padding=padding)
+        if add is not None:
+            o += add[:, :, r0:r1]
+        out[:, :, r0:r1] = o
+    return out
 
 
 class ResBlock(nn.Module):
@@ -43,10 +91,20 @@ class ResBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if in_strips(x):
+            return self.forward_in_strips(x)
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
         skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
         return skip + h
+
+    def forward_in_strips(self, x: torch.Tensor) -> torch.Tensor:
+        """forward, the same arithmetic: each normalisation over the whole map (its statistics are global), SiLU in
+        place, the 3x3 convolutions in strips (conv2d_strips), the residual added strip by strip."""
+        h = conv2d_strips(self.conv1, F.silu(self.norm1(x), inplace=True), (1, 1, 1, 1))
+        h = F.silu(self.norm2(h), inplace=True)
+        skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return conv2d_strips(self.conv2, h, (1, 1, 1, 1), add=skip)
 
 
 class SpatialAttention(nn.Module):
@@ -106,6 +164,8 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if in_strips(x):
+            return conv2d_strips(self.conv, x, (0, 1, 0, 1))
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
@@ -163,7 +223,11 @@ class ConditionEncoder(nn.Module):
         self.conv_out = nn.Conv2d(top, latent_dim, 3, padding=1)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(y)
+        if in_strips(y):  # the output has width/3 times the image's bytes: it is the encoder's largest activation
+            p = self.conv_in.padding[0]
+            h = conv2d_strips(self.conv_in, y, (p, p, p, p), channels_last=True)
+        else:
+            h = self.conv_in(y)
         for block in (self.down_block_0, self.down_block_1, self.down_block_2, self.down_block_3,
                       self.down_block_4, self.mid_block):
             h = block(h)
