@@ -143,3 +143,14 @@ def test_cli_tile_option(tmp_path, demo, capsys):
     with pytest.raises(SystemExit) as e:
         main(["decompress", "--model", model, str(tmp_path / "a.cod"), "-o", str(tmp_path / "b.png"), "--tile", "x"])
     assert e.value.code == 2 and "tile must be" in capsys.readouterr().err
+
+
+def test_reconstruct_tiles_too(demo):
+    """The evaluate path (the codec's forward gives the condition map) computes the map once, then windows crop it."""
+    model, image, _ = demo
+    x = torch.from_numpy(image[:128, :256].copy()).permute(2, 0, 1).float().div(255)[None]
+    whole = model.reconstruct(x, tile="off")
+    assert torch.equal(model.reconstruct(x, tile=256), whole)
+    tiled = model.reconstruct(x, tile=64)
+    assert not torch.equal(tiled, whole)
+    assert psnr(tiled[0].permute(1, 2, 0).numpy(), whole[0].permute(1, 2, 0).numpy()) > 30
