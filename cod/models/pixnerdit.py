@@ -92,7 +92,7 @@ class NerfBlock(nn.Module):
         [Dx, p*p] (long rows; 5-9x faster on a CPU than [p*p, Dx] x [Dx, Dx r] for Dx = 8, measured), the SiLU in
         place and the residual fused into the second product."""
         m1, m2 = self.weights(s)
-        h = F.silu(torch.bmm(m1.transpose(1, 2), rms_norm_channels(self.norm, x)), inplace=True)
+        h = F.silu(torch.bmm(m1.transpose(1, 2), self.norm(x, dim=1)), inplace=True)
         return torch.baddbmm(x, m2.transpose(1, 2), h)
 
 
@@ -109,15 +109,8 @@ class PixelFinalLayer(nn.Module):
         """forward for x [N, Dx, p*p] -> [N, out_channels, p*p], the product in the velocity layer's dtype (it stays
         float32 in every precision, cod.precision)."""
         w = self.linear.weight
-        normed = rms_norm_channels(self.norm, x).to(w.dtype)
+        normed = self.norm(x, dim=1).to(w.dtype)
         return torch.baddbmm(self.linear.bias[:, None], w.expand(x.shape[0], -1, -1), normed)
-
-
-def rms_norm_channels(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    """norm(x) over dim 1 of [N, C, P] (RMSNorm's arithmetic: float32 statistics, then the weight)."""
-    xf = x.float()
-    normed = xf * torch.rsqrt(xf.pow(2).mean(1, keepdim=True) + norm.eps)
-    return normed.type_as(x) * norm.weight[:, None]
 
 
 class PixNerDiT(CoDDenoiser):
