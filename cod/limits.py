@@ -97,10 +97,17 @@ class Limits:
 def decode_tflop(model, height: int, width: int, steps: int) -> float:
     """Estimated TFLOP to decode one height x width image with `steps` sampling steps: the condition map and the
     unconditional one (the condition encoder on a blank image, then the decoder), `steps` guidance-pair passes of
-    the denoiser, and the VAE decoder for latent models. A one-step model (steps = 1): its condition map and one
-    pass of the generator."""
+    the denoiser (on the image, or on each of its windows when the model tiles decodes at this size), and the VAE
+    decoder for latent models. A one-step model (steps = 1): its condition map and one pass of the generator."""
     parts = _work(model, height, width)
-    return (steps * parts["step"] + parts["once"]) / 1e12
+    step = parts["step"]
+    m = model.size_multiple
+    net = model.network(-(-height // m) * m, -(-width // m) * m) if hasattr(model, "network") else None
+    if hasattr(net, "windows"):  # a tiled decode (cod.diffusion.tiling): every step runs the windows, not the image
+        f = model.pixels_per_cell
+        cells = net.windows(*(s // f for s in model.model_shape(-(-height // m) * m, -(-width // m) * m)[1:]))
+        step = sum(_work(model, h * f, w * f)["step"] for _, _, h, w in cells)
+    return (steps * step + parts["once"]) / 1e12
 
 
 def encode_tflop(model, height: int, width: int) -> float:

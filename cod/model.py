@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cod.diffusion.samplers import Sampler, build_sampler
+from cod.diffusion.tiling import TiledDenoiser, parse_tile, tiling_for
 from cod.errors import InputError, LimitError, ModelDirError, OutputExistsError, PrecisionError
 from cod.files import (atomic_directory, atomic_write_bytes, read_bytes_bounded, regular_file_stat, sha256_file,
                        sha256_file_cached)
@@ -96,6 +97,7 @@ class CoDModel(torch.nn.Module):
         self.prior_fingerprint = ""  # sha256 of prior.safetensors: entropy-coded files are tied to it
         self.precision = "fp32"  # of the decode side (cod.precision); the encoder side is always float32
         self.compiled = False
+        self.tile: str | int = "auto"  # decode in overlapping windows: "auto", "off" or pixels (cod.diffusion.tiling)
 
     @property
     def fingerprint(self) -> str:
@@ -131,9 +133,7 @@ class CoDModel(torch.nn.Module):
         return required_multiple(self.codec.stride, TOKEN_STRIDE)
 
     def model_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        if self.family == "pixel":
-            return (self.denoiser.in_channels, height, width)
-        f = LATENT_DOWNSAMPLE
+        f = self.pixels_per_cell
         return (self.denoiser.in_channels, height // f, width // f)
 
     def check_size(self, height: int, width: int) -> None:
@@ -184,22 +184,38 @@ class CoDModel(torch.nn.Module):
         noise = [torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
         return torch.cat(noise).to(self.device)
 
+    def network(self, height: int, width: int, tile=None, exact: bool = False):
+        """The denoiser as the sampler calls it for a height x width image: itself, or in overlapping windows
+        (TiledDenoiser) when the tile option (this call's, else self.tile) asks for windows smaller than the
+        image. "auto" tiles only above cod.diffusion.tiling.AUTO_ABOVE_PIXELS, and never an exact decode."""
+        tile = parse_tile(self.tile if tile is None else tile)
+        if tile == "auto" and exact:
+            return self.denoiser
+        tiling = tiling_for(tile, height, width, self.pixels_per_cell, self.denoiser.patch_size)
+        return self.denoiser if tiling is None else TiledDenoiser(self.denoiser, tiling, self.denoiser.patch_size)
+
+    @property
+    def pixels_per_cell(self) -> int:
+        return 1 if self.family == "pixel" else LATENT_DOWNSAMPLE
+
     @torch.no_grad()
     def sample(self, indices: torch.Tensor, height: int, width: int, seeds: int | list[int] = 0,
-               **sampling) -> torch.Tensor:
-        """VQ indices [B, h, w] -> model-space samples (decompress path: exact codebook rows)."""
+               tile=None, **sampling) -> torch.Tensor:
+        """VQ indices [B, h, w] -> model-space samples (decompress path: exact codebook rows). tile: "auto",
+        "off" or a window side in pixels (default: self.tile; see network)."""
         self.check_size(height, width)
         B = indices.shape[0]
+        sampler = self.sampler(**sampling)
+        net = self.network(height, width, tile, sampler.exact)
         cond = self.codec.decode_indices(indices.to(self.device))
         uncond = self.unconditional_condition(height, width).expand(B, -1, -1, -1)
-        return self.sampler(**sampling)(self.denoiser, self.initial_noise(B, height, width, seeds),
-                                        cond=torch.cat([uncond, cond]))
+        return sampler(net, self.initial_noise(B, height, width, seeds), cond=torch.cat([uncond, cond]))
 
     def decode(self, indices: torch.Tensor, height: int, width: int, seeds: int | list[int] = 0,
-               **sampling) -> torch.Tensor:
-        """VQ indices [B, h, w] -> uint8 images [B, 3, H, W]."""
+               tile=None, **sampling) -> torch.Tensor:
+        """VQ indices [B, h, w] -> uint8 images [B, 3, H, W]. tile: see sample."""
         self._ensure_latent()  # fail before sampling, not after
-        return self.to_uint8(self.sample(indices, height, width, seeds, **sampling))
+        return self.to_uint8(self.sample(indices, height, width, seeds, tile, **sampling))
 
     def _ensure_latent(self) -> None:
         """Latent models load their VAE on first use, so that indices and samples need no VAE weights."""
@@ -233,7 +249,7 @@ class CoDModel(torch.nn.Module):
         return self
 
     @torch.no_grad()
-    def reconstruct(self, images01: torch.Tensor, seeds: int | list[int] = 0, **sampling) -> torch.Tensor:
+    def reconstruct(self, images01: torch.Tensor, seeds: int | list[int] = 0, tile=None, **sampling) -> torch.Tensor:
         """Evaluate path: the codec's training-path forward gives the condition (straight-through values), once per
         image, inside the first network call as in the release (exact=True) or just before the sampler."""
         B, _, H, W = images01.shape
@@ -241,11 +257,12 @@ class CoDModel(torch.nn.Module):
         y = self.condition_image(images01.to(self.device))
         y_uncond = self.condition_image(-torch.ones_like(y))
         sampler = self.sampler(**sampling)
-        if sampler.exact:  # the release: the codec runs inside the first network call
-            x = sampler(self.denoiser, self.initial_noise(B, H, W, seeds), y=y, y_uncond=y_uncond)
+        net = self.network(H, W, tile, sampler.exact)
+        if net is self.denoiser and sampler.exact:  # the release: the codec runs inside the first network call
+            x = sampler(net, self.initial_noise(B, H, W, seeds), y=y, y_uncond=y_uncond)
         else:  # the same codec call, made once up front, so that unguided steps can skip the unconditional half
-            cond, _ = self.codec(torch.cat([y_uncond.expand_as(y), y]))
-            x = sampler(self.denoiser, self.initial_noise(B, H, W, seeds), cond=cond)
+            cond, _ = self.codec(torch.cat([y_uncond.expand_as(y), y]))  # (and windows can crop the map)
+            x = sampler(net, self.initial_noise(B, H, W, seeds), cond=cond)
         return self.to_uint8(x)
 
     def compress(self, images, **options) -> list[bytes]:
@@ -380,21 +397,31 @@ class OneStepModel(CoDModel):
             return torch.zeros(batch, *self.model_shape(height, width), device=self.device)
         return super().initial_noise(batch, height, width, seeds)
 
+    def network(self, height: int, width: int, tile=None, exact: bool = False):
+        """The generator, whole: one-step models never tile (CoD-Lite's channel attention mixes the whole image;
+        one pass needs no blending of steps). An explicit window size is refused."""
+        if parse_tile(self.tile if tile is None else tile) not in ("auto", "off"):
+            raise ValueError(f"this is a {self.family} model: it decodes the whole image in one pass, so --tile "
+                             f"does not apply")
+        return self.denoiser
+
     @torch.no_grad()
-    def sample(self, indices: torch.Tensor, height: int, width: int, seeds: int | list[int] = 0,
+    def sample(self, indices: torch.Tensor, height: int, width: int, seeds: int | list[int] = 0, tile=None,
                **sampling) -> torch.Tensor:
         """VQ indices [B, h, w] -> model-space image in [-1, 1] (decompress path: exact codebook rows)."""
         self.check_size(height, width)
         self.check_decode_options(sampling)
+        self.network(height, width, tile)
         indices = indices.to(self.device)
         return self.denoiser.decode_indices(indices, noise=self.initial_noise(indices.shape[0], height, width, seeds))
 
     @torch.no_grad()
-    def reconstruct(self, images01: torch.Tensor, seeds: int | list[int] = 0, **sampling) -> torch.Tensor:
+    def reconstruct(self, images01: torch.Tensor, seeds: int | list[int] = 0, tile=None, **sampling) -> torch.Tensor:
         """Evaluate path: the codec's forward (straight-through VQ value), then the one pass -> uint8 images."""
         B, _, H, W = images01.shape
         self.check_size(H, W)
         self.check_decode_options(sampling)
+        self.network(H, W, tile)
         y = self.condition_image(images01.to(self.device))
         return self.to_uint8(self.denoiser.inference(y, noise=self.initial_noise(B, H, W, seeds)))
 
@@ -614,7 +641,7 @@ def _load_checked(build, file: Path, expected: str, config_path: Path, verify: s
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", vae_path: str | None = None,
-         verify: str = "cached", precision: str = "fp32", compile: bool = False) -> CoDModel:
+         verify: str = "cached", precision: str = "fp32", compile: bool = False, tile="auto") -> CoDModel:
     """Load a model directory written by `cod new-model`, `cod import-official` or `cod fit`.
 
     Nothing in it is trusted: config.json is validated (cod.model_config); the denoiser is built on the meta device
@@ -624,8 +651,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", vae_path: 
     model's VAE (bundled, vae_path or $COD_VAE_PATH) is loaded, and checked the same way, when first needed.
 
     precision: of the decode side, "fp32" (default), "bf16", "int8" or "fp8" (CoDModel.set_precision; a precision
-    the device cannot run is refused before anything is read). compile: torch.compile the denoiser."""
+    the device cannot run is refused before anything is read). compile: torch.compile the denoiser. tile: how
+    decodes run, "auto" (windows above 4 MP), "off" (whole images) or a window side in pixels
+    (cod.diffusion.tiling; docs/precision.md)."""
     check_precision(precision, device)
+    tile = parse_tile(tile)
     path = Path(path)
     config = read_config(path)
     weights = weights_file(path, WEIGHTS_FILE, "weights file")
@@ -635,7 +665,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", vae_path: 
     model.fingerprint = config["fingerprint"]
     if isinstance(model, OneStepModel):
         model.fold_modulation()
-    model.vae_path, model.verify = vae_path, verify
+    model.vae_path, model.verify, model.tile = vae_path, verify, tile
     if config.get("prior") is not None:
         model.prior = _load_prior(path, config, denoiser.codec.bottleneck.num_codes, verify)
         model.prior_fingerprint = config["checksums"][PRIOR_FILE]

@@ -123,6 +123,30 @@ def test_pixnerdit_pixel_stage_in_runs_equals_whole(monkeypatch, run):
     assert runs == [24]
 
 
+def test_condition_encoder_in_strips_computes_exactly_the_whole_convolutions(monkeypatch):
+    """Above STRIP_ABOVE_BYTES the encoder's full-resolution convolutions run in strips of rows: the same latent
+    bit for bit (so the same indices, i.e. the same .cod bytes), while holding a fraction of the activations."""
+    import cod.models.condition_codec as condition_codec
+
+    torch.manual_seed(0)
+    encoder = condition_codec.ConditionEncoder(ds=32, width=32)  # tiny-pixel's (down_block_2 changes width)
+    y = torch.rand(1, 3, 128, 1024)
+    with torch.no_grad():
+        whole = encoder(y)
+        monkeypatch.setattr(condition_codec, "STRIP_ABOVE_BYTES", 2 ** 19)
+        monkeypatch.setattr(condition_codec, "STRIP_BYTES", 2 ** 17)
+        strips = []
+        conv2d_strips = condition_codec.conv2d_strips
+        monkeypatch.setattr(condition_codec, "conv2d_strips",
+                            lambda conv, x, *a, **k: strips.append(x.shape[-2]) or conv2d_strips(conv, x, *a, **k))
+        striped = encoder(y)
+    assert len(strips) >= 8 and 128 in strips  # conv_in, and the ResBlocks and Downsamples of the first stages
+    assert torch.equal(striped, whole)
+    strips.clear()
+    encoder(y.requires_grad_())  # training: autograd keeps every activation anyway, so no strips
+    assert strips == []
+
+
 # One 2048x1024 image (2 Mpixel, the largest that codes in well under 30 s on one core: the DiT's attention over
 # 8192 tokens dominates). Measured on a 2-core CPU, one thread, peak RSS above the process after the model is
 # built: 0.48 GiB with the chunked stages (0.41 of it the condition encoder's convolutions), 1.06 GiB with the

@@ -78,9 +78,13 @@ def test_checks_come_in_order_and_name_their_option():
         limits.check_decode(model, 8192, 8192, 1000, "x.cod")
     with pytest.raises(LimitError, match="--max-steps 256"):
         limits.check_decode(model, 64, 64, 256, "x.cod")
+    model.tile = "off"  # whole-image passes: attention's quadratic term makes 4096x4096 expensive
     with pytest.raises(LimitError, match="--max-tflop 447"):
         limits.check_decode(model, 4096, 4096, 25, "x.cod")
     Limits(max_tflop=447).check_decode(model, 4096, 4096, 25, "x.cod")
+    model.tile = "auto"  # in 512-pixel windows above 4 MP (cod.diffusion.tiling): linear in the area
+    assert decode_tflop(model, 4096, 4096, 25) < 447 / 10
+    limits.check_decode(model, 4096, 4096, 25, "x.cod")
     Limits(max_pixels=1 << 28, max_tflop=1e6).check_decode(model, 8192, 8192, 25, "x.cod")
     assert Limits().tflop_budget(torch.device("cuda")) > Limits().tflop_budget(torch.device("cpu"))
     for bad in ({"max_pixels": 0}, {"max_steps": -1}, {"max_tflop": float("nan")}, {"max_pixels": 1.5}):

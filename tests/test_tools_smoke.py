@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import KODAK, ROOT
 
 
 @pytest.mark.parametrize("args", [
@@ -18,6 +18,9 @@ from conftest import ROOT
     ["tools/bench_entropy.py", "coder", "--n", "3000", "--lanes", "8", "--trials", "2", "--repeats", "1"],
     ["tools/bench_onestep.py", "--cases", "tiny-cod-lite@64x48,tiny-onestep-cod@32x32", "--repeats", "1",
      "--threads", "1"],
+    ["tools/bench_memory.py", "--sizes", "64x32", "--tile", "32", "--threads", "1"],
+    ["tools/check_tiling.py", "--model", str(ROOT / "cod" / "assets" / "demo-model"), "--images", str(KODAK),
+     "--count", "1", "--tiles", "512"],
 ])
 def test_benchmark_script_runs(args):
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}

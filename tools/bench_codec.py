@@ -1,7 +1,7 @@
 """Encode and decode speed of CoD per preset, image size and precision, against its anchors, all in one run:
 
   - the baseline: plain float32 eager decoding with the release's per-step work (both CFG halves at every step,
-    the guidance formula always: `exact=True`), timed interleaved with every variant, so that speed-ups are ratios
+    the guidance formula always: `exact=True`; PixNerDiT's per-pixel stage in the release's layout), timed interleaved with every variant, so that speed-ups are ratios
     taken side by side on the same (possibly busy) machine;
   - the variants: each --precision, decoding the way cod does by default (the unconditional half skipped where
     guidance is off), and with --compile the same under torch.compile (inductor), with its compile time;
@@ -208,9 +208,13 @@ def bench_one(args, device, preset, base, size, precisions, peaks) -> list[dict]
     times_t = sampler.network_times()
     long_sampler = base.sampler(**{**sampling, "steps": args.extrapolate_to})
 
+    # The baseline computes PixNerDiT's per-pixel stage in the release's layout (decode_patches_reference)
+    base.denoiser.reference_pixel_stage = True
     variants = [Variant("release fp32 eager (baseline)", base, True, "fp32", False)]
     for p in precisions:
-        model = base if p == "fp32" else copy.deepcopy(base).set_precision(p)
+        model = copy.deepcopy(base)
+        model.denoiser.reference_pixel_stage = False
+        model.set_precision(p)
         variants.append(Variant(f"{p}", model, False, p, False))
         if args.compile:
             variants.append(Variant(f"{p} + compile", copy.deepcopy(model).compile_denoiser(dynamic=False),

@@ -2,6 +2,7 @@
 
     python tools/bench_memory.py                                  # tiny-pixel at 1024^2, 2048^2, 4000x3000
     python tools/bench_memory.py --preset tiny-pixel --sizes 512x512 --threads 1
+    python tools/bench_memory.py --sizes 2048 --tile off                # whole-image decoding (default: auto)
 
 Weights are random (memory and speed do not depend on them). Sizes that are not multiples of the model's size
 multiple are padded up to one, as the codec does (4000x3000 is coded as 4000x3008). Peak RSS is read from
@@ -36,7 +37,7 @@ def _reset_peak() -> None:
         f.write("5")  # resets VmHWM to the current RSS
 
 
-def measure(preset: str, height: int, width: int, steps: int, threads: int) -> dict:
+def measure(preset: str, height: int, width: int, steps: int, threads: int, tile: str = "auto") -> dict:
     """Runs in the child process: one encode and one decode, each with its own peak."""
     import torch
 
@@ -48,7 +49,7 @@ def measure(preset: str, height: int, width: int, steps: int, threads: int) -> d
     ph, pw = math.ceil(height / m) * m, math.ceil(width / m) * m
     image = torch.rand(1, 3, ph, pw, generator=torch.Generator().manual_seed(0))
     row = {"preset": preset, "size": f"{width}x{height}", "coded": f"{pw}x{ph}", "steps": steps,
-           "threads": threads, "base_gib": _status("VmRSS") / GIB}
+           "threads": threads, "tile": tile, "base_gib": _status("VmRSS") / GIB}
     _reset_peak()
     start = time.perf_counter()
     indices = model.encode(image)
@@ -56,7 +57,7 @@ def measure(preset: str, height: int, width: int, steps: int, threads: int) -> d
     row["encode_peak_gib"] = _status("VmHWM") / GIB
     _reset_peak()
     start = time.perf_counter()
-    model.decode(indices, ph, pw, steps=steps)
+    model.decode(indices, ph, pw, steps=steps, tile=tile)
     row["decode_s"] = time.perf_counter() - start
     row["decode_peak_gib"] = _status("VmHWM") / GIB
     return row
@@ -74,26 +75,27 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=["1024", "2048", "4000x3000"], help="WxH or N (square)")
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tile", default="auto", help="decode tiling: auto, off or a window side in pixels")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:  # one size, measured in this (fresh) process; the parent reads the JSON line
-        print(json.dumps(measure(args.preset, *parse_size(args.sizes[0]), args.steps, args.threads)))
+        print(json.dumps(measure(args.preset, *parse_size(args.sizes[0]), args.steps, args.threads, args.tile)))
         return
     rows = []
     for size in args.sizes:
         # A fresh process per size: peak RSS is per process, and freed memory is not always returned to the OS.
         out = subprocess.run([sys.executable, __file__, "--child", "--preset", args.preset, "--sizes", size,
-                              "--steps", str(args.steps), "--threads", str(args.threads)],
+                              "--steps", str(args.steps), "--threads", str(args.threads), "--tile", args.tile],
                              capture_output=True, text=True)
         if out.returncode:
             sys.exit(f"{size}: the child process failed\n{out.stderr[-2000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print("| preset | image | coded as | threads | base RSS GiB | encode s | encode peak GiB | "
+    print("| preset | image | coded as | threads | tile | base RSS GiB | encode s | encode peak GiB | "
           f"decode s ({args.steps} step) | decode peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['preset']} | {r['size']} | {r['coded']} | {r['threads']} | {r['base_gib']:.2f} | "
+        print(f"| {r['preset']} | {r['size']} | {r['coded']} | {r['threads']} | {r['tile']} | {r['base_gib']:.2f} | "
               f"{r['encode_s']:.2f} | {r['encode_peak_gib']:.2f} | {r['decode_s']:.2f} | {r['decode_peak_gib']:.2f} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

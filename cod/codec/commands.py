@@ -48,6 +48,15 @@ def positive_float(value: str) -> float:
     return x
 
 
+def tile_option(value: str):
+    from cod.diffusion.tiling import parse_tile
+
+    try:
+        return parse_tile(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_limit_arguments(p) -> None:
     p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse images with more pixels than this (default {DEFAULT_MAX_PIXELS}, 4096x4096)")
@@ -90,6 +99,10 @@ def _decode_arguments(p) -> None:
                         "so the .cod files never depend on it (docs/precision.md gives each one's error)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the denoiser: faster decoding after a one-off compilation per image size")
+    p.add_argument("--tile", type=tile_option, default="auto", metavar="auto|off|PIXELS",
+                   help="decode in overlapping windows of this many pixels a side (cost linear in the area, a small "
+                        "seam cost; docs/precision.md); auto (default): 512-pixel windows above 4 megapixels; off: "
+                        "whole images")
 
 
 def _batch_size_argument(p, effect: str) -> None:
@@ -156,7 +169,7 @@ def load_model(args):
     import cod
 
     return cod.load(args.model, device=parse_device(args.device), precision=getattr(args, "precision", "fp32"),
-                    compile=getattr(args, "compile", False))
+                    compile=getattr(args, "compile", False), tile=getattr(args, "tile", "auto"))
 
 
 def _progress(args, total: int, desc: str):

@@ -31,10 +31,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Normalise over dim (the last by default; PixNerDiT's channel-major stage normalises dim 1)."""
         xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        normed = xf * torch.rsqrt(xf.pow(2).mean(dim, keepdim=True) + self.eps)
+        trailing = x.dim() - 1 - dim % x.dim()
+        return normed.type_as(x) * self.weight.view(-1, *[1] * trailing)
 
 
 class SwiGLU(nn.Module):

@@ -57,6 +57,15 @@ class NerfEmbedder(nn.Module):
         position = torch.addmm(linear.bias, dct, w_dct.t())  # [p*p, Dx]
         return torch.matmul(x, w_in.t()) + position
 
+    def channel_major(self, x: torch.Tensor) -> torch.Tensor:
+        """forward in the per-patch channel-major layout: x [N, in_features, p*p] -> [N, Dx, p*p]."""
+        linear = self.embedder[0]
+        w_in, w_dct = linear.weight[:, : self.in_features], linear.weight[:, self.in_features:]
+        dct = dct_position_features(self.patch_size, x.device).to(x.dtype)
+        position = torch.addmm(linear.bias, dct, w_dct.t()).t()  # [Dx, p*p]
+        return torch.baddbmm(position, w_in.expand(x.shape[0], -1, -1), x)  # (matmul would copy x transposed)
+
+
 class NerfBlock(nn.Module):
     """X <- X + silu(RMSNorm(X) M1) M2 with per-patch M1, M2 generated from the patch's s vector and
     column-normalised (each column unit L2 norm over the input dimension)."""
@@ -69,11 +78,22 @@ class NerfBlock(nn.Module):
         self.norm = RMSNorm(hidden_size_x)
 
     def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        n, dx, r = x.shape[0], self.hidden_size_x, self.mlp_ratio
-        m1, m2 = self.param_generator1(s).chunk(2, dim=-1)
-        m1 = F.normalize(m1.reshape(n, dx, dx * r), dim=-2)
-        m2 = F.normalize(m2.reshape(n, dx * r, dx), dim=-2)
+        m1, m2 = self.weights(s)
         return x + torch.bmm(F.silu(torch.bmm(self.norm(x), m1)), m2)
+
+    def weights(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-patch M1 [n, Dx, Dx r] and M2 [n, Dx r, Dx] generated from s [n, D]."""
+        n, dx, r = s.shape[0], self.hidden_size_x, self.mlp_ratio
+        m1, m2 = self.param_generator1(s).chunk(2, dim=-1)
+        return F.normalize(m1.reshape(n, dx, dx * r), dim=-2), F.normalize(m2.reshape(n, dx * r, dx), dim=-2)
+
+    def channel_major(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """forward in the per-patch channel-major layout x [N, Dx, p*p]: the products become [Dx r, Dx] x
+        [Dx, p*p] (long rows; 5-9x faster on a CPU than [p*p, Dx] x [Dx, Dx r] for Dx = 8, measured), the SiLU in
+        place and the residual fused into the second product."""
+        m1, m2 = self.weights(s)
+        h = F.silu(torch.bmm(m1.transpose(1, 2), self.norm(x, dim=1)), inplace=True)
+        return torch.baddbmm(x, m2.transpose(1, 2), h)
 
 
 class PixelFinalLayer(nn.Module):
@@ -85,8 +105,17 @@ class PixelFinalLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.norm(x))
 
+    def channel_major(self, x: torch.Tensor) -> torch.Tensor:
+        """forward for x [N, Dx, p*p] -> [N, out_channels, p*p], the product in the velocity layer's dtype (it stays
+        float32 in every precision, cod.precision)."""
+        w = self.linear.weight
+        normed = self.norm(x, dim=1).to(w.dtype)
+        return torch.baddbmm(self.linear.bias[:, None], w.expand(x.shape[0], -1, -1), normed)
+
 
 class PixNerDiT(CoDDenoiser):
+    reference_pixel_stage = False  # True: the per-pixel stage in the release's layout (benchmarks' baseline)
+
     def __init__(self, in_channels: int = 3, patch_size: int = 16, hidden_size: int = 1152, num_groups: int = 16,
                  num_blocks: int = 30, num_cond_blocks: int = 26, hidden_size_x: int = 64, nerf_mlpratio: int = 2,
                  codebook_bits: int = 4, ds: int = 32, up2x: bool = True, encoder_width: int = 128,
@@ -139,7 +168,27 @@ class PixNerDiT(CoDDenoiser):
 
     def decode_patches(self, patches: torch.Tensor, cond_tokens: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """The per-pixel stage for n patches: patches [B, n, C p^2], condition tokens and s vectors [B, n, D]
-        -> pixels [B, n, C p^2]."""
+        -> pixels [B, n, C p^2].
+
+        Computed channel-major, one [features, p^2] matrix per patch, which is the layout patches and the
+        condition embedding already have (channel-major per patch): no per-pixel transposes or copies in or out,
+        and the NerF products have long rows. The same function as decode_patches_reference (the release's
+        pixel-major layout) up to float rounding (tests/test_pixel_stage.py)."""
+        if self.reference_pixel_stage:
+            return self.decode_patches_reference(patches, cond_tokens, s)
+        B, n, Cp2 = patches.shape
+        N = B * n
+        emb = self.y_embedder_x(cond_tokens)
+        px = torch.cat([patches, emb], dim=-1).view(N, self.in_channels + self.hidden_size_x, self.patch_size ** 2)
+        px = self.x_embedder.channel_major(px)
+        s = s.reshape(N, self.hidden_size)
+        for block in self.blocks[self.num_cond_blocks:]:
+            px = block.channel_major(px, s)
+        return self.final_layer.channel_major(px).reshape(B, n, Cp2)
+
+    def decode_patches_reference(self, patches: torch.Tensor, cond_tokens: torch.Tensor,
+                                 s: torch.Tensor) -> torch.Tensor:
+        """decode_patches as the release computes it: one row per pixel (transposed in and out)."""
         B, n, Cp2 = patches.shape
         p2 = self.patch_size ** 2
         # Per-pixel stream: [pixel values, condition embedding] laid out channel-major per patch, then
