@@ -94,6 +94,17 @@ def test_sampling_options_are_refused_in_one_line(model_dir, tmp_path, capsys, o
     assert not (tmp_path / "a.cod").exists()
 
 
+def test_a_window_size_is_refused_and_auto_tiling_leaves_the_one_pass_whole(model_dir, tmp_path, capsys):
+    Image.fromarray(image(32, 32)).save(tmp_path / "a.png")
+    assert main(["compress", str(tmp_path / "a.png"), "--model", str(model_dir), "-o", str(tmp_path / "a.cod")]) == 0
+    assert main(["decompress", str(tmp_path / "a.cod"), "--model", str(model_dir), "--tile", "16", "-o",
+                 str(tmp_path / "a2.png")]) == 1
+    err = capsys.readouterr().err
+    assert "--tile does not apply" in err and err.count("\n") == 1 and not (tmp_path / "a2.png").exists()
+    model = cod.load(model_dir)
+    assert model.network(4096, 4096) is model.denoiser  # above the automatic tiling size: still one whole pass
+
+
 def test_bf16_decodes_the_same_files(model_dir):
     fp32, bf16 = cod.load(model_dir), cod.load(model_dir, precision="bf16")
     img = image(64, 64, seed=5)
