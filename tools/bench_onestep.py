@@ -16,6 +16,13 @@ the decode (cod.limits.decode_tflop: matrix products and convolutions) and the a
 wall-clock on --threads threads; "core-s" is time x threads, the single-core cost. The load average before and
 after each case is printed: compare variants only within one run.
 
+This machine's matrix-product peak is measured in the same loop, round-robin with the decodes (a --peak-size
+square matrix product in float32 and in bfloat16, best of the same repeats), so that each decode is also reported
+as a fraction of the peak of its compute dtype measured beside it under the same load ("% peak"; bf16 decodes
+against the bfloat16 peak, although their condition decoder runs in float32). --compile adds variants under
+torch.compile (OneStepModel.compile_denoiser); their first decode compiles, and the compile time reported is that
+decode minus the best compiled decode.
+
 Published figures (spec one-step.md; the release's README): CoD-Lite 720x480 decodes in 13 ms on an A100 and in
 65 ms on a many-core EPYC.
 """
@@ -47,7 +54,7 @@ def build(preset: str) -> OneStepModel:
     return OneStepModel(build_config(spec, preset), spec.build().eval())
 
 
-def variant(base: OneStepModel, precision: str, modulation: str) -> OneStepModel:
+def variant(base: OneStepModel, precision: str, modulation: str, compiled: bool = False) -> OneStepModel:
     model = copy.deepcopy(base)
     if modulation == "folded":
         model.fold_modulation()
@@ -57,22 +64,38 @@ def variant(base: OneStepModel, precision: str, modulation: str) -> OneStepModel
         else:  # set_precision folds first (folded vectors are computed in float32): convert the live model directly
             prepare_denoiser(model.denoiser, precision)
             model.precision = precision
-    return model
+    return model.compile_denoiser() if compiled else model
 
 
-def time_decodes(models: dict, indices: torch.Tensor, height: int, width: int, repeats: int) -> dict[str, float]:
-    """Best time per model, the decodes interleaved round-robin after one warm-up decode each (allocator, oneDNN
-    primitive caches)."""
-    best = dict.fromkeys(models, float("inf"))
+PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def peak_products(size: int) -> dict[str, callable]:
+    """A size x size matrix product per compute dtype (2 size^3 FLOP each), the arithmetic peak a decode is compared
+    with."""
+    operands = {p: torch.randn(size, size, generator=torch.Generator().manual_seed(0)).to(d)
+                for p, d in PEAK_DTYPES.items()}
+    return {("peak", p): (lambda a=a: a @ a) for p, a in operands.items()}
+
+
+def time_decodes(models: dict, indices: torch.Tensor, height: int, width: int, repeats: int,
+                 products: dict | None = None) -> tuple[dict, dict]:
+    """Best time per model (and per matrix product of `products`), all interleaved round-robin after one warm-up
+    call each (allocator, oneDNN primitive caches, compilation); also the time of each warm-up call."""
+    calls = {key: (lambda m=model: m.decode(indices, height, width)) for key, model in models.items()}
+    calls.update(products or {})
+    best, first = dict.fromkeys(calls, float("inf")), {}
     with torch.no_grad():
-        for model in models.values():
-            model.decode(indices, height, width)
+        for key, call in calls.items():
+            start = time.perf_counter()
+            call()
+            first[key] = time.perf_counter() - start
         for _ in range(repeats):
-            for key, model in models.items():
+            for key, call in calls.items():
                 start = time.perf_counter()
-                model.decode(indices, height, width)
+                call()
                 best[key] = min(best[key], time.perf_counter() - start)
-    return best
+    return best, first
 
 
 def main() -> None:
@@ -80,6 +103,8 @@ def main() -> None:
     ap.add_argument("--cases", default=DEFAULT_CASES, help="comma-separated PRESET@WIDTHxHEIGHT")
     ap.add_argument("--precision", default="fp32,bf16")
     ap.add_argument("--modulation", default="folded,live")
+    ap.add_argument("--compile", action="store_true", help="also time each variant under torch.compile")
+    ap.add_argument("--peak-size", type=int, default=2048, help="side of the peak matrix products (0: none)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--json", type=Path)
@@ -102,21 +127,37 @@ def main() -> None:
         load = os.getloadavg()[0]
         print(f"\n{preset} {width}x{height} (decoded at {pw}x{ph}, {tflop * 1e3:.1f} GFLOP), load {load:.1f}"
               + (f"; {PUBLISHED[(preset, width, height)]}" if (preset, width, height) in PUBLISHED else ""))
-        print("\n| precision | modulation | time (s) | core-s | GFLOP/s |\n|---|---|---:|---:|---:|")
-        models = {(precision, modulation): variant(base, precision, modulation)
-                  for precision in args.precision.split(",") for modulation in args.modulation.split(",")}
+        print("\n| precision | modulation | time (s) | core-s | GFLOP/s | % peak | compile (s) |"
+              "\n|---|---|---|---:|---:|---:|---:|")
+        models = {(precision, modulation, compiled): variant(base, precision, modulation, compiled)
+                  for precision in args.precision.split(",") for modulation in args.modulation.split(",")
+                  for compiled in ((False, True) if args.compile else (False,))}
         del base
-        times = time_decodes(models, indices, ph, pw, args.repeats)
+        products = peak_products(args.peak_size) if args.peak_size else {}
+        times, first = time_decodes(models, indices, ph, pw, args.repeats, products)
         del models
-        for (precision, modulation), t in times.items():
+        peak_gflops = {p: 2 * args.peak_size ** 3 / times[("peak", p)] / 1e9 for p in PEAK_DTYPES
+                       if ("peak", p) in times}
+        for key, t in times.items():
+            if key[0] == "peak":
+                continue
+            precision, modulation, compiled = key
+            gflops = tflop * 1e3 / t
+            peak = peak_gflops.get(precision)
+            compile_s = first[key] - t if compiled else None
             rows.append({"preset": preset, "width": width, "height": height, "padded": [pw, ph],
-                         "precision": precision, "modulation": modulation, "seconds": t,
-                         "core_seconds": t * args.threads, "gflop": tflop * 1e3, "gflops": tflop * 1e3 / t,
-                         "threads": args.threads, "load_before": load})
-            print(f"| {precision} | {modulation} | {t:.3f} | {t * args.threads:.3f} | {tflop * 1e3 / t:.1f} |")
+                         "precision": precision, "modulation": modulation, "compiled": compiled, "seconds": t,
+                         "core_seconds": t * args.threads, "gflop": tflop * 1e3, "gflops": gflops,
+                         "peak_gflops": peak, "fraction_of_peak": gflops / peak if peak else None,
+                         "compile_seconds": compile_s, "threads": args.threads, "load_before": load})
+            print(f"| {precision} | {modulation}{' compiled' if compiled else ''} | {t:.3f} | {t * args.threads:.3f} "
+                  f"| {gflops:.1f} | {f'{100 * gflops / peak:.0f} %' if peak else '-'} "
+                  f"| {f'{compile_s:.1f}' if compiled else '-'} |")
+        for p, g in peak_gflops.items():
+            print(f"peak ({args.peak_size}^2 matrix product, {p}, same loop): {g:.0f} GFLOP/s")
         for precision in args.precision.split(","):
-            if (precision, "live") in times and (precision, "folded") in times:
-                print(f"{precision}: folded is {times[(precision, 'live')] / times[(precision, 'folded')]:.2f}x "
+            if (precision, "live", False) in times and (precision, "folded", False) in times:
+                print(f"{precision}: folded is {times[(precision, 'live', False)] / times[(precision, 'folded', False)]:.2f}x "
                       f"the speed of live")
         print(f"load after: {os.getloadavg()[0]:.1f}")
     if args.json:
