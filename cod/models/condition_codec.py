@@ -32,7 +32,7 @@ TOKEN_STRIDE = 16  # pixels per condition token for every CoD configuration
 # activations besides its input (measured: +2.9 GiB over a 0.72 GiB input for pixel-s), and each convolution
 # converts its input and output to oneDNN's blocked layout; in strips it holds one activation besides its input
 # (normalised, then convolved in place), and the conversions are strip-sized. The strips compute exactly what the
-# whole layers do, bit for bit (tests/test_bounded_memory.py), and run faster (3.7x for that ResBlock: in cache).
+# whole layers do, bit for bit (tests/test_bounded_memory.py), and run faster (in cache; docs/benchmarks.md).
 STRIP_ABOVE_BYTES = 64 * 2 ** 20
 STRIP_BYTES = 16 * 2 ** 20  # input bytes per strip
 MIN_STRIP_ROWS = 8
