@@ -78,15 +78,22 @@ def no_outputs(folder: Path) -> bool:
 
 
 # ---- bitstreams ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("side,what", [(16384, "megapixels"), (8192, "megapixels"), (4096, "TFLOP")])
-def test_huge_declared_sizes_are_refused_before_any_allocation(model, model_dir, tmp_path, capsys, side, what):
+@pytest.mark.parametrize("side,what,tile", [(16384, "megapixels", "auto"), (8192, "megapixels", "auto"),
+                                            (4096, "TFLOP", "off")])
+def test_huge_declared_sizes_are_refused_before_any_allocation(model, model_dir, tmp_path, capsys, side, what, tile):
+    """(A tiled decode's work grows linearly with the area, so the work limit is what stops a whole-image decode
+    of 4096x4096, whose attention is quadratic: tiling off.)"""
     src = tmp_path / f"big{side}.cod"
     src.write_bytes(crafted_cod(model, side, side))
-    assert main(["decompress", "--model", str(model_dir), str(src), "-o", str(tmp_path / "out")]) == 1
+    assert main(["decompress", "--model", str(model_dir), str(src), "-o", str(tmp_path / "out"), "--tile", tile]) == 1
     one_error(capsys, str(src), what, "--max-")
     assert no_outputs(tmp_path / "out")
-    with pytest.raises(LimitError):
-        api.decompress(model, src.read_bytes())
+    default, model.tile = model.tile, tile
+    try:
+        with pytest.raises(LimitError):
+            api.decompress(model, src.read_bytes())
+    finally:
+        model.tile = default
 
 
 def test_the_limits_can_be_raised(model, model_dir, tmp_path, capsys):

@@ -28,7 +28,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
 def shard(module, mesh) -> None:
     """Apply FSDP2 to a CoDTrainingModule over the mesh's data-parallel dimension."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
         raise ValueError("CoD shards with FSDP2 only: use cod.training.fsdp.FSDP2Strategy or "
@@ -37,6 +37,8 @@ def shard(module, mesh) -> None:
     for net in (module.denoiser, module.ema.module):
         for block in net.blocks:
             fully_shard(block, mesh=dp)
+            if hasattr(block, "channel_major"):  # the per-pixel stage calls blocks through this method, not forward:
+                register_fsdp_forward_method(block, "channel_major")  # it must gather their parameters too
         fully_shard(net.y_embedder, mesh=dp)
         fully_shard(net, mesh=dp)
     fully_shard(module.objective, mesh=dp)
