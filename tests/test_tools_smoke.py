@@ -19,6 +19,8 @@ from conftest import KODAK, ROOT
     ["tools/bench_onestep.py", "--cases", "tiny-cod-lite@64x48,tiny-onestep-cod@32x32", "--repeats", "1",
      "--threads", "1"],
     ["tools/bench_memory.py", "--sizes", "64x32", "--tile", "32", "--threads", "1"],
+    ["tools/time_decode.py", "--preset", "tiny-pixel", "--size", "32", "--steps", "1", "--precision", "fp32",
+     "--threads", "1"],
     ["tools/check_tiling.py", "--model", str(ROOT / "cod" / "assets" / "demo-model"), "--images", str(KODAK),
      "--count", "1", "--tiles", "512"],
 ])
