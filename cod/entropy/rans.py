@@ -16,7 +16,7 @@ per symbol is negligible (states stay >= 2^32 >> 2^precision).
 from __future__ import annotations
 
 from bisect import bisect_right
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -280,7 +280,11 @@ class Layout:
         np.cumsum(self.counts[:-1], out=self.starts[1:])
         first = np.repeat(lane_pos + k - 4 * self.starts, self.counts) + 4 * np.arange(total)
         self.words32 = raw[first[:, None] + np.arange(4)].copy().view("<u4").reshape(-1).astype(np.uint32)
-        self.words = self.words32.astype(_U64)
+
+    @property
+    def words(self) -> np.ndarray:
+        """The words as uint64 (what the NumPy loops compute with)."""
+        return self.words32.astype(_U64)
 
 
 # ------------------------------------------------------------------------------------------------------ encoder
@@ -477,8 +481,13 @@ class Decoder:
         self.ptr = self.layout.starts.copy()
         self.remaining = self.layout.counts.copy()
         self.position = 0  # symbols decoded so far
-        self._words = np.concatenate([self.layout.words, np.zeros(1, dtype=_U64)])  # one spare: reads stay in range
         self._broken = False
+
+    @cached_property
+    def _words(self) -> np.ndarray:
+        """The NumPy loops' words: uint64 with one spare, so that reads stay in range (the compiled loop reads
+        layout.words32 directly)."""
+        return np.concatenate([self.layout.words, np.zeros(1, dtype=_U64)])
 
     def decode(self, freqs, table_index=None, n=None) -> np.ndarray:
         if self._broken:
@@ -535,11 +544,9 @@ class Decoder:
         if tables.cdf is not None and tables.T * tables.total <= 4 * n:
             slot_table = np.repeat(np.tile(np.arange(tables.K, dtype=np.uint16), tables.T),
                                    tables.freqs.reshape(-1))
-        if not hasattr(self, "_words32"):
-            self._words32 = np.ascontiguousarray(self.layout.words32)
         r = None if tables.T == 1 else np.ascontiguousarray(rows)
         status, _ = kernel.decode(tables.freqs64, tables.cdf, tables.K, r, n, self.position, self.lanes, self.precision, self.x,
-                                  self.ptr, self.remaining, self._words32, slot_table, out)
+                                  self.ptr, self.remaining, self.layout.words32, slot_table, out)
         self.position += n
         if status != kernel.OK:
             self._broken = True
