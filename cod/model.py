@@ -98,6 +98,8 @@ class CoDModel(torch.nn.Module):
         self.precision = "fp32"  # of the decode side (cod.precision); the encoder side is always float32
         self.compiled = False
         self.tile: str | int = "auto"  # decode in overlapping windows: "auto", "off" or pixels (cod.diffusion.tiling)
+        self.cuda_graphs = False  # replay the network's calls from CUDA graphs on a GPU (cod.cuda_graphs)
+        self._graphed = None
 
     @property
     def fingerprint(self) -> str:
@@ -189,10 +191,29 @@ class CoDModel(torch.nn.Module):
         (TiledDenoiser) when the tile option (this call's, else self.tile) asks for windows smaller than the
         image. "auto" tiles only above cod.diffusion.tiling.AUTO_ABOVE_PIXELS, and never an exact decode."""
         tile = parse_tile(self.tile if tile is None else tile)
+        net = self.graphed_denoiser()
         if tile == "auto" and exact:
-            return self.denoiser
+            return net
         tiling = tiling_for(tile, height, width, self.pixels_per_cell, self.denoiser.patch_size)
-        return self.denoiser if tiling is None else TiledDenoiser(self.denoiser, tiling, self.denoiser.patch_size)
+        return net if tiling is None else TiledDenoiser(net, tiling, self.denoiser.patch_size)
+
+    def graphed_denoiser(self):
+        """The denoiser, or with cuda_graphs on, the denoiser replayed from CUDA graphs (cod.cuda_graphs: one graph
+        per call signature, kept for later decodes; on a CPU the same calls as the denoiser's)."""
+        if not self.cuda_graphs:
+            return self.denoiser
+        if self._graphed is None:
+            from cod.cuda_graphs import GraphedCall
+
+            self._graphed = GraphedCall(self.denoiser, type(self.denoiser).__name__)
+        return self._graphed
+
+    def use_cuda_graphs(self, enabled: bool = True) -> "CoDModel":
+        """Replay the decode's network calls from CUDA graphs on a CUDA device (cod.cuda_graphs): the same kernels
+        without the host's launch overhead. The first call of each shape runs eagerly, the second records."""
+        self.cuda_graphs = bool(enabled)
+        self._graphed = None
+        return self
 
     @property
     def pixels_per_cell(self) -> int:
@@ -258,7 +279,7 @@ class CoDModel(torch.nn.Module):
         y_uncond = self.condition_image(-torch.ones_like(y))
         sampler = self.sampler(**sampling)
         net = self.network(H, W, tile, sampler.exact)
-        if net is self.denoiser and sampler.exact:  # the release: the codec runs inside the first network call
+        if net is self.graphed_denoiser() and sampler.exact:  # the release: the codec runs inside the first network call
             x = sampler(net, self.initial_noise(B, H, W, seeds), y=y, y_uncond=y_uncond)
         else:  # the same codec call, made once up front, so that unguided steps can skip the unconditional half
             cond, _ = self.codec(torch.cat([y_uncond.expand_as(y), y]))  # (and windows can crop the map)
@@ -426,7 +447,17 @@ class OneStepModel(CoDModel):
         self.check_decode_options(sampling)
         self.network(height, width, tile)
         indices = indices.to(self.device)
-        return self.denoiser.decode_indices(indices, noise=self.initial_noise(indices.shape[0], height, width, seeds))
+        return self.graphed_decode()(indices, noise=self.initial_noise(indices.shape[0], height, width, seeds))
+
+    def graphed_decode(self):
+        """The generator's decode_indices, replayed from CUDA graphs when cuda_graphs is on (CoDModel.graphed_denoiser)."""
+        if not self.cuda_graphs:
+            return self.denoiser.decode_indices
+        if self._graphed is None:
+            from cod.cuda_graphs import GraphedCall
+
+            self._graphed = GraphedCall(self.denoiser.decode_indices, type(self.denoiser).__name__)
+        return self._graphed
 
     @torch.no_grad()
     def reconstruct(self, images01: torch.Tensor, seeds: int | list[int] = 0, tile=None, **sampling) -> torch.Tensor:
@@ -654,7 +685,8 @@ def _load_checked(build, file: Path, expected: str, config_path: Path, verify: s
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", vae_path: str | None = None,
-         verify: str = "cached", precision: str = "fp32", compile: bool = False, tile="auto") -> CoDModel:
+         verify: str = "cached", precision: str = "fp32", compile: bool = False, tile="auto",
+         cuda_graphs: bool = False) -> CoDModel:
     """Load a model directory written by `cod new-model`, `cod import-official` or `cod fit`.
 
     Nothing in it is trusted: config.json is validated (cod.model_config); the denoiser is built on the meta device
@@ -666,7 +698,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", vae_path: 
     precision: of the decode side, "fp32" (default), "bf16", "int8" or "fp8" (CoDModel.set_precision; a precision
     the device cannot run is refused before anything is read). compile: torch.compile the denoiser. tile: how
     decodes run, "auto" (windows above 4 MP), "off" (whole images) or a window side in pixels
-    (cod.diffusion.tiling; docs/precision.md)."""
+    (cod.diffusion.tiling; docs/precision.md). cuda_graphs: on a CUDA device, replay the decode's network calls from
+    CUDA graphs (cod.cuda_graphs; no effect on a CPU)."""
     check_precision(precision, device)
     tile = parse_tile(tile)
     path = Path(path)
@@ -683,6 +716,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", vae_path: 
         model.prior = _load_prior(path, config, denoiser.codec.bottleneck.num_codes, verify)
         model.prior_fingerprint = config["checksums"][PRIOR_FILE]
     model.to(device).set_precision(precision)
+    model.use_cuda_graphs(cuda_graphs)
     return model.compile_denoiser() if compile else model
 
 

@@ -1,6 +1,8 @@
 """cod.kernels: Triton kernels beside their PyTorch references (this folder is installed as `cod.kernels`)."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .attention import FusedAttention, attention_reference, attention_triton_forward, triton
@@ -34,8 +36,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     "auto" runs the Triton kernel on CUDA tensors and the reference elsewhere, and always the reference while
     tracing for TorchScript/ONNX export or compiling with torch.compile (inductor lowers PyTorch's attention to
     its own fused kernels; ours would be an opaque call that it must rebuild); "triton" forces the kernel (on CPU
-    only under TRITON_INTERPRET=1).
+    only under TRITON_INTERPRET=1). The environment variable COD_ATTENTION (auto, triton, reference) replaces
+    "auto" for every call.
     """
+    if backend == "auto":  # COD_ATTENTION=reference|triton chooses for every call (benchmarks, debugging)
+        backend = os.environ.get("COD_ATTENTION", "auto")
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got '{backend}'")
     tracing = (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()

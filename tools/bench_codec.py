@@ -132,8 +132,10 @@ def image_error(a: torch.Tensor, b: torch.Tensor) -> tuple[int, float]:
 
 
 class Variant:
-    def __init__(self, name: str, model: cod.CoDModel, exact: bool, precision: str, compiled: bool):
+    def __init__(self, name: str, model: cod.CoDModel, exact: bool, precision: str, compiled: bool,
+                 twin: "Variant | None" = None):
         self.name, self.model, self.exact, self.precision, self.compiled = name, model, exact, precision, compiled
+        self.twin = twin  # the eager variant of the same precision, for a graphs variant: its image must be the same
         self.times: list[float] = []
         self.first_s = None
         self.pass_s: dict[int, float] = {}
@@ -149,6 +151,8 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: each preset's)")
     ap.add_argument("--precision", default="fp32,bf16,int8", help=f"comma-separated, of {', '.join(PRECISIONS)}")
     ap.add_argument("--compile", action="store_true", help="also each precision under torch.compile (inductor)")
+    ap.add_argument("--graphs", action="store_true",
+                    help="also each precision (and compiled variant) replayed from CUDA graphs (cod.cuda_graphs; CUDA)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--extrapolate-to", type=int, default=25)
     ap.add_argument("--threads", type=int)
@@ -215,14 +219,21 @@ def bench_one(args, device, preset, base, size, precisions, peaks) -> list[dict]
         model = copy.deepcopy(base)
         model.denoiser.reference_pixel_stage = False
         model.set_precision(p)
-        variants.append(Variant(f"{p}", model, False, p, False))
+        eager = Variant(f"{p}", model, False, p, False)
+        variants.append(eager)
+        if args.graphs:
+            variants.append(Variant(f"{p} + graphs", copy.deepcopy(model).use_cuda_graphs(), False, p, False, eager))
         if args.compile:
-            variants.append(Variant(f"{p} + compile", copy.deepcopy(model).compile_denoiser(dynamic=False),
-                                    False, p, True))
+            compiled = Variant(f"{p} + compile", copy.deepcopy(model).compile_denoiser(dynamic=False), False, p, True)
+            variants.append(compiled)
+            if args.graphs:
+                variants.append(Variant(f"{p} + compile + graphs", copy.deepcopy(model).compile_denoiser(
+                    dynamic=False).use_cuda_graphs(), False, p, True, compiled))
     W = work(base, size)
     base.unconditional_condition(size, size)  # cached before any timing
-    for v in variants:  # warm-up (and compilation)
+    for v in variants:  # warm-up (and compilation; graphs are recorded at the second call of each shape)
         v.image, v.first_s = timed(device, v.model.decode, indices, size, size, exact=v.exact, **sampling)
+        print(f"  {preset} {size}: {v.name}: first decode {v.first_s:.2f} s", flush=True)
     for _ in range(args.repeats):  # interleaved, so that every variant sees the same machine
         for v in variants:
             _, s = timed(device, v.model.decode, indices, size, size, exact=v.exact, **sampling)
@@ -237,10 +248,12 @@ def bench_one(args, device, preset, base, size, precisions, peaks) -> list[dict]
                 if v.exact and halves == 1:
                     continue
                 t = torch.full((xx.shape[0],), 0.5, device=device)
-                v.model.denoiser(xx, t, cond=cc)
+                net = v.model.graphed_denoiser()
+                net(xx, t, cond=cc)
+                net(xx, t, cond=cc)  # a graphs variant records at the second call
                 best = math.inf
                 for _ in range(max(3, args.repeats)):  # short: more samples against a busy machine's swings
-                    _, s = timed(device, v.model.denoiser, xx, t, cond=cc)
+                    _, s = timed(device, net, xx, t, cond=cc)
                     best = min(best, s)
                 v.pass_s[halves] = best
 
@@ -258,6 +271,7 @@ def bench_one(args, device, preset, base, size, precisions, peaks) -> list[dict]
             long_halves = [2 if v.exact else long_sampler.network_passes(t) for t in long_sampler.network_times()]
             est = fixed_s + sum(v.pass_s[k] for k in long_halves)
         max_abs, psnr = image_error(v.image, baseline.image)
+        twin_levels = None if v.twin is None else image_error(v.image, v.twin.image)[0]
         peak = peaks["fp32" if v.precision == "fp32" else "bf16"]
         rows.append({
             "preset": preset, "size": size, "steps": args.steps, "cfg": sampler.guidance.cfg, "variant": v.name,
@@ -273,13 +287,18 @@ def bench_one(args, device, preset, base, size, precisions, peaks) -> list[dict]
             f"est_decode_s_{args.extrapolate_to}_steps": est,
             f"est_speedup_{args.extrapolate_to}_steps": None,
             "max_abs_levels_vs_baseline": max_abs, "psnr_db_vs_baseline": psnr,
+            "max_abs_levels_vs_eager_twin": twin_levels,
+            "graphs_recorded": getattr(v.model._graphed, "recorded", None),
+            "graph_replays": getattr(v.model._graphed, "replays", None),
         })
     if args.steps < args.extrapolate_to:
         key = f"est_decode_s_{args.extrapolate_to}_steps"
         for r in rows:
             r[f"est_speedup_{args.extrapolate_to}_steps"] = rows[0][key] / r[key]
     for r in rows:
-        print(f"  {preset} {size}: {r['variant']}: decode {r['decode_s']:.3f} s ({r['speedup_vs_baseline']:.2f}x)",
+        twin = "" if r["max_abs_levels_vs_eager_twin"] is None else \
+            f", {r['max_abs_levels_vs_eager_twin']} levels from its eager twin ({r['graphs_recorded']} graphs)"
+        print(f"  {preset} {size}: {r['variant']}: decode {r['decode_s']:.3f} s ({r['speedup_vs_baseline']:.2f}x){twin}",
               flush=True)
     return rows
 

@@ -263,6 +263,10 @@ def coder(a) -> dict:
     rng = np.random.default_rng(a.seed)
     result = {"machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
               "precision": a.precision}
+    if a.device == "cuda" and a.gpu_only:
+        result["gpu"] = gpu_rows(rng, a.batch, a.batch_n, a.repeats, a.precision)
+        table(result["gpu"], "GPU (Triton) batched coder")
+        return result
     result["overhead"] = overhead_rows(rng, a.n, [1, None, a.lanes], a.precision)
     table(result["overhead"], f"Code length vs ideal, n = {a.n}")
     result["flush"] = flush_rows(rng, a.trials, a.precision)
@@ -335,6 +339,7 @@ def main() -> None:
     c.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     c.add_argument("--batch", type=int, default=1024, help="GPU: streams coded at once")
     c.add_argument("--batch-n", type=int, default=1024, help="GPU: symbols per stream")
+    c.add_argument("--gpu-only", action="store_true", help="with --device cuda: the GPU rows alone")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--json", type=Path, help="also write the results here")
     m = sub.add_parser("models", help="payload bits of trained models with priors vs fixed-length")

@@ -54,8 +54,10 @@ def build(preset: str) -> OneStepModel:
     return OneStepModel(build_config(spec, preset), spec.build().eval())
 
 
-def variant(base: OneStepModel, precision: str, modulation: str, compiled: bool = False) -> OneStepModel:
+def variant(base: OneStepModel, precision: str, modulation: str, compiled: bool = False,
+            graphs: bool = False) -> OneStepModel:
     model = copy.deepcopy(base)
+    model.use_cuda_graphs(graphs)
     if modulation == "folded":
         model.fold_modulation()
     if precision != "fp32":
@@ -70,30 +72,41 @@ def variant(base: OneStepModel, precision: str, modulation: str, compiled: bool 
 PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def peak_products(size: int) -> dict[str, callable]:
+def peak_products(size: int, device: torch.device) -> dict[str, callable]:
     """A size x size matrix product per compute dtype (2 size^3 FLOP each), the arithmetic peak a decode is compared
     with."""
-    operands = {p: torch.randn(size, size, generator=torch.Generator().manual_seed(0)).to(d)
+    operands = {p: torch.randn(size, size, generator=torch.Generator().manual_seed(0)).to(device, d)
                 for p, d in PEAK_DTYPES.items()}
     return {("peak", p): (lambda a=a: a @ a) for p, a in operands.items()}
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_decodes(models: dict, indices: torch.Tensor, height: int, width: int, repeats: int,
-                 products: dict | None = None) -> tuple[dict, dict]:
-    """Best time per model (and per matrix product of `products`), all interleaved round-robin after one warm-up
-    call each (allocator, oneDNN primitive caches, compilation); also the time of each warm-up call."""
+                 products: dict | None = None, device: torch.device = torch.device("cpu")) -> tuple[dict, dict]:
+    """Best time per model (and per matrix product of `products`), all interleaved round-robin after two warm-up
+    calls each (allocator, oneDNN primitive caches, compilation; CUDA graphs record at the second call); also the
+    time of the first call. On CUDA every timing is bracketed by synchronisations."""
     calls = {key: (lambda m=model: m.decode(indices, height, width)) for key, model in models.items()}
     calls.update(products or {})
     best, first = dict.fromkeys(calls, float("inf")), {}
     with torch.no_grad():
         for key, call in calls.items():
+            _sync(device)
             start = time.perf_counter()
             call()
+            _sync(device)
             first[key] = time.perf_counter() - start
+            call()
         for _ in range(repeats):
             for key, call in calls.items():
+                _sync(device)
                 start = time.perf_counter()
                 call()
+                _sync(device)
                 best[key] = min(best[key], time.perf_counter() - start)
     return best, first
 
@@ -104,24 +117,28 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32,bf16")
     ap.add_argument("--modulation", default="folded,live")
     ap.add_argument("--compile", action="store_true", help="also time each variant under torch.compile")
+    ap.add_argument("--graphs", action="store_true", help="also each variant replayed from CUDA graphs (CUDA)")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--peak-size", type=int, default=2048, help="side of the peak matrix products (0: none)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-          f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)")
+          f"{machine}, torch {torch.__version__}, {args.threads} thread(s)")
     rows = []
     for case in args.cases.split(","):
         preset, size = case.split("@")
         width, height = (int(v) for v in size.split("x"))
-        base = build(preset)
+        base = build(preset).to(device)
         m = base.size_multiple
         ph, pw = -(-height // m) * m, -(-width // m) * m
         h, w = base.codec.index_grid(ph, pw)
         indices = torch.randint(0, base.codec.bottleneck.num_codes, (1, h, w),
-                                generator=torch.Generator().manual_seed(0))
+                                generator=torch.Generator().manual_seed(0)).to(device)
         base._fingerprint = "0" * 64  # not needed for timing; skips hashing the weights
         tflop = decode_tflop(base, ph, pw, 1)
         load = os.getloadavg()[0]
@@ -129,19 +146,24 @@ def main() -> None:
               + (f"; {PUBLISHED[(preset, width, height)]}" if (preset, width, height) in PUBLISHED else ""))
         print("\n| precision | modulation | time (s) | core-s | GFLOP/s | % peak | compile (s) |"
               "\n|---|---|---|---:|---:|---:|---:|")
-        models = {(precision, modulation, compiled): variant(base, precision, modulation, compiled)
+        models = {(precision, modulation, compiled, graphs): variant(base, precision, modulation, compiled, graphs)
                   for precision in args.precision.split(",") for modulation in args.modulation.split(",")
-                  for compiled in ((False, True) if args.compile else (False,))}
+                  for compiled in ((False, True) if args.compile else (False,))
+                  for graphs in ((False, True) if args.graphs else (False,))}
         del base
-        products = peak_products(args.peak_size) if args.peak_size else {}
-        times, first = time_decodes(models, indices, ph, pw, args.repeats, products)
+        products = peak_products(args.peak_size, device) if args.peak_size else {}
+        times, first = time_decodes(models, indices, ph, pw, args.repeats, products, device)
+        images = {key: m.decode(indices, ph, pw) for key, m in models.items()}
         del models
         peak_gflops = {p: 2 * args.peak_size ** 3 / times[("peak", p)] / 1e9 for p in PEAK_DTYPES
                        if ("peak", p) in times}
         for key, t in times.items():
             if key[0] == "peak":
                 continue
-            precision, modulation, compiled = key
+            precision, modulation, compiled, graphs = key
+            twin = None  # a graphs variant's image against the same variant's eager one: must be equal
+            if graphs:
+                twin = int((images[key].int() - images[key[:3] + (False,)].int()).abs().max())
             gflops = tflop * 1e3 / t
             peak = peak_gflops.get(precision)
             compile_s = first[key] - t if compiled else None
@@ -149,19 +171,22 @@ def main() -> None:
                          "precision": precision, "modulation": modulation, "compiled": compiled, "seconds": t,
                          "core_seconds": t * args.threads, "gflop": tflop * 1e3, "gflops": gflops,
                          "peak_gflops": peak, "fraction_of_peak": gflops / peak if peak else None,
-                         "compile_seconds": compile_s, "threads": args.threads, "load_before": load})
-            print(f"| {precision} | {modulation}{' compiled' if compiled else ''} | {t:.3f} | {t * args.threads:.3f} "
+                         "compile_seconds": compile_s, "threads": args.threads, "load_before": load,
+                         "graphs": graphs, "max_abs_levels_vs_eager_twin": twin, "device": str(device)})
+            label = modulation + (" compiled" if compiled else "") + (f" graphs ({twin} levels from eager)" if graphs
+                                                                       else "")
+            print(f"| {precision} | {label} | {t:.3f} | {t * args.threads:.3f} "
                   f"| {gflops:.1f} | {f'{100 * gflops / peak:.0f} %' if peak else '-'} "
                   f"| {f'{compile_s:.1f}' if compiled else '-'} |")
         for p, g in peak_gflops.items():
             print(f"peak ({args.peak_size}^2 matrix product, {p}, same loop): {g:.0f} GFLOP/s")
         for precision in args.precision.split(","):
-            if (precision, "live", False) in times and (precision, "folded", False) in times:
-                print(f"{precision}: folded is {times[(precision, 'live', False)] / times[(precision, 'folded', False)]:.2f}x "
+            if (precision, "live", False, False) in times and (precision, "folded", False, False) in times:
+                print(f"{precision}: folded is {times[(precision, 'live', False, False)] / times[(precision, 'folded', False, False)]:.2f}x "
                       f"the speed of live")
         print(f"load after: {os.getloadavg()[0]:.1f}")
     if args.json:
-        args.json.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
+        args.json.write_text(json.dumps({"machine": machine,
                                          "torch": torch.__version__, "rows": rows}, indent=1))
 
 

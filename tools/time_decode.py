@@ -2,6 +2,7 @@
 of the same dtype timed just before and after: for decodes too long to repeat (a 25-step XL decode on a CPU).
 
     python tools/time_decode.py --preset pixel-xl --size 512 --steps 25 --precision bf16 --threads 2
+    python tools/time_decode.py --device cuda --preset pixel-xl --batch 16 --precision bf16 --graphs --repeats 2
 
 Random weights (speed does not depend on them). Work is cod.limits.decode_tflop, which counts every step as a
 guidance pair; steps where guidance is off run one half, so the achieved rate it implies is an upper bound.
@@ -15,13 +16,21 @@ import time
 import torch
 
 
-def peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
+        sync(device)
         t = time.perf_counter()
         a @ b
+        sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best / 1e9
 
@@ -31,33 +40,62 @@ def main() -> None:
     ap.add_argument("--preset", default="pixel-xl")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "int8"])
+    ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "int8", "fp8"])
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch", type=int, default=1, help="images decoded together (throughput: images/s)")
+    ap.add_argument("--graphs", action="store_true", help="replay the network from CUDA graphs (cod.cuda_graphs)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the denoiser (compile time reported)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="timed decodes after the first (default 1: the first decode is the one timed); "
+                         "with more, the first is a warm-up and the best of the rest is reported")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     from cod.limits import decode_tflop
     from cod.model import new_model
 
-    model = new_model(a.preset).eval()
+    device = torch.device(a.device)
+    torch.manual_seed(0)
+    model = new_model(a.preset)
+    model.fingerprint = f"time-{a.preset}"  # never saved: skip hashing the weights
+    if model.family == "latent" and model.latent is None:  # the SD-VAE has no bundled weights: random ones
+        from cod.models.vae import VAE_PRESETS, AutoencoderKL, LatentSpace
+
+        model.latent = LatentSpace(AutoencoderKL(VAE_PRESETS[model.config["latent"]["vae_preset"]]),
+                                   model.config["latent"]["scale"])
+    model = model.to(device).eval()
     model.set_precision(a.precision)
+    model.use_cuda_graphs(a.graphs)
+    if a.compile:
+        model.compile_denoiser()
     m = model.size_multiple
     side = -(-a.size // m) * m
-    indices = torch.randint(0, model.codec.bottleneck.num_codes, (1, *model.encode(torch.zeros(1, 3, side, side))
-                                                                    .shape[1:]))
+    grid = model.encode(torch.zeros(1, 3, side, side, device=device)).shape[1:]
+    indices = torch.randint(0, model.codec.bottleneck.num_codes, (a.batch, *grid), device=device)
     dtype = torch.float32 if a.precision == "fp32" else torch.bfloat16
-    before = peak(dtype)
-    t = time.perf_counter()
-    model.decode(indices, side, side, steps=a.steps)
-    seconds = time.perf_counter() - t
-    after = peak(dtype)
-    tflop = decode_tflop(model, side, side, a.steps)
-    print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {torch.get_num_threads()} thread(s), load "
-          f"{os.getloadavg()[0]:.1f}\n")
-    print("| preset | size | precision | steps | decode s | TFLOP counted | GFLOP/s (at most) | peak before / after |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| {a.preset} | {side}x{side} | {a.precision} | {a.steps} | {seconds:.2f} | {tflop:.2f} | "
-          f"{tflop * 1e3 / seconds:.0f} | {before:.0f} / {after:.0f} |")
+    before = peak(dtype, device)
+    times = []
+    for _ in range(1 if a.repeats <= 1 else a.repeats + 1):
+        sync(device)
+        t = time.perf_counter()
+        model.decode(indices, side, side, steps=a.steps)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    seconds = times[0] if len(times) == 1 else min(times[1:])
+    after = peak(dtype, device)
+    tflop = a.batch * decode_tflop(model, side, side, a.steps)
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} thread(s)"
+    print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine}, torch {torch.__version__}, load "
+          f"{os.getloadavg()[0]:.1f}; first decode {times[0]:.3f} s"
+          + (f" (graphs recorded: {model._graphed.recorded})" if model._graphed is not None else "") + "\n")
+    print("| preset | size | precision | variant | batch | steps | decode s | images/s | TFLOP counted | "
+          "GFLOP/s (at most) | peak GFLOP/s before / after |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    variant = "+".join(["eager" if not a.compile else "compile"] + (["graphs"] if a.graphs else []))
+    print(f"| {a.preset} | {side}x{side} | {a.precision} | {variant} | {a.batch} | {a.steps} | {seconds:.3f} | "
+          f"{a.batch / seconds:.2f} | {tflop:.2f} | {tflop * 1e3 / seconds:.0f} | {before:.0f} / {after:.0f} |")
+
 
 if __name__ == "__main__":
     main()
