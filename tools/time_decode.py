@@ -35,6 +35,24 @@ def peak(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
+def profile_pass(model, indices, side: int, device: torch.device, top: int = 25) -> None:
+    """One guided pass of the denoiser (both CFG halves), eager, under torch.profiler: where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cond = torch.cat([model.unconditional_condition(side, side), model.codec.decode_indices(indices)])
+    x = model.initial_noise(2, side, side)
+    t = torch.full((2,), 0.5, device=device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.no_grad():
+        model.denoiser(x, t, cond=cond)
+        sync(device)
+        with profile(activities=activities) as prof:
+            model.denoiser(x, t, cond=cond)
+            sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="pixel-xl")
@@ -49,6 +67,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1,
                     help="timed decodes after the first (default 1: the first decode is the one timed); "
                          "with more, the first is a warm-up and the best of the rest is reported")
+    ap.add_argument("--profile", action="store_true",
+                    help="also one guided network pass (eager) under torch.profiler: the top kernels by device time")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -92,6 +112,8 @@ def main() -> None:
     print("| preset | size | precision | variant | batch | steps | decode s | images/s | TFLOP counted | "
           "GFLOP/s (at most) | peak GFLOP/s before / after |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    if a.profile:
+        profile_pass(model, indices[:1], side, device)
     variant = "+".join(["eager" if not a.compile else "compile"] + (["graphs"] if a.graphs else []))
     print(f"| {a.preset} | {side}x{side} | {a.precision} | {variant} | {a.batch} | {a.steps} | {seconds:.3f} | "
           f"{a.batch / seconds:.2f} | {tflop:.2f} | {tflop * 1e3 / seconds:.0f} | {before:.0f} / {after:.0f} |")

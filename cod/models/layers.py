@@ -115,9 +115,15 @@ def rope_2d(height: int, width: int, head_dim: int, device: torch.device | str =
     """
     if head_dim % 4:
         raise ValueError(f"2-D RoPE needs a head dim divisible by 4, got {head_dim}")
-    if torch.compiler.is_compiling():  # a compiled graph computes (or folds) the table itself: no cache to trace
-        return _rope_cached.__wrapped__(height, width, head_dim, str(device), theta, span, step)
+    if torch.compiler.is_compiling():  # the cached table enters the compiled graph as an input (see _rope_eager)
+        return _rope_eager(height, width, head_dim, str(device), theta, span, step)
     return _rope_cached(height, width, head_dim, str(device), theta, span, step)
+
+
+# Under torch.compile the table is looked up eagerly (a graph break), not computed inside the graph: a graph that
+# computes it on the CPU and copies it to the GPU at every call cannot be recorded as a CUDA graph (host-to-device
+# copies from pageable memory are refused during capture), and the cached table is the same values as eager mode's.
+_rope_eager = torch.compiler.disable(_rope_cached)
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
