@@ -33,24 +33,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
               backend: str = "auto") -> torch.Tensor:
     """Softmax attention over [B, L, G, d] tensors.
 
-    "auto" runs the Triton kernel on CUDA tensors and the reference elsewhere, and always the reference while
-    tracing for TorchScript/ONNX export or compiling with torch.compile (inductor lowers PyTorch's attention to
-    its own fused kernels; ours would be an opaque call that it must rebuild); "triton" forces the kernel (on CPU
-    only under TRITON_INTERPRET=1). The environment variable COD_ATTENTION (auto, triton, reference) replaces
+    "auto" runs the reference (PyTorch's scaled_dot_product_attention, chunked where it would hold all the scores)
+    on every device: on Hopper its fused kernels beat ours 2.8x in bf16 at the released shape and a whole bf16 XL
+    decode ran 8 % faster with them (docs/kernels.md, one H200, 2026-11-26); "triton" forces the Triton kernel (on
+    CPU only under TRITON_INTERPRET=1). The environment variable COD_ATTENTION (auto, triton, reference) replaces
     "auto" for every call.
     """
     if backend == "auto":  # COD_ATTENTION=reference|triton chooses for every call (benchmarks, debugging)
         backend = os.environ.get("COD_ATTENTION", "auto")
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got '{backend}'")
-    tracing = (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
-               or torch.compiler.is_compiling())
-    if backend == "triton" or (backend == "auto" and q.is_cuda and has_triton() and not tracing):
-        q, k, v = common_dtype(q, k, v)
-        # float32 stays with PyTorch: the kernel's exact (ieee) float32 dots made a released-size guided pass 10x
-        # slower than SDPA on an H100 (770 vs 75 ms, docs/kernels.md); in bf16 the two run the same (30 ms)
-        if backend == "triton" or q.dtype != torch.float32:
-            return FusedAttention.apply(q, k, v, scale)
+    if backend == "triton":
+        return FusedAttention.apply(*common_dtype(q, k, v), scale)
     return attention_reference(q, k, v, scale)
 
 
