@@ -181,3 +181,27 @@ def test_large_image_codes_in_bounded_memory():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["shape"] == [1, 3, 1024, 2048]
     assert result["peak_above_base"] < PEAK_BOUND_BYTES, result["peak_above_base"] / 2 ** 30
+
+
+@pytest.mark.parametrize("run", [5, 1])
+def test_dconv_pixel_stream_in_runs_equals_whole(monkeypatch, run):
+    """CoD-Lite's per-pixel stream goes through in runs of patches on a CPU (short runs: faster there, docs/
+    benchmarks.md): the same output as the whole image within float rounding, the runs as the budget says."""
+    import cod.models.dconv as dconv
+
+    torch.manual_seed(0)
+    net = dconv.DConv(hidden_size=32, hidden_size_x=8, num_blocks=3, num_cond_blocks=2).eval()
+    x, y = torch.randn(2, 3, 64, 96), torch.rand(2, 3, 64, 96)  # 4 x 6 = 24 patches per image
+    t = torch.zeros(2)
+    with torch.no_grad():
+        monkeypatch.setitem(dconv.PIXEL_STREAM_BUDGET_BYTES, "cpu", 1 << 30)
+        whole, cond = net(x, t, y)
+        runs = []
+        decode_patches = net.decode_patches
+        monkeypatch.setattr(net, "decode_patches", lambda p, c, s: runs.append(p.shape[1]) or decode_patches(p, c, s))
+        monkeypatch.setitem(dconv.PIXEL_STREAM_BUDGET_BYTES, "cpu",
+                            run * 2 * net.pixel_stage_bytes_per_patch(x.element_size()))
+        chunked, cond_chunked = net(x, t, y)
+    assert runs == [min(run, 24 - s) for s in range(0, 24, run)]
+    assert torch.equal(cond_chunked, cond)
+    assert max_rel_err(chunked, whole) < 1e-5
