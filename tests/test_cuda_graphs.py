@@ -86,3 +86,13 @@ def test_onestep_decode_with_graphs_is_the_eager_decode():
     outs = [model.decode(indices, 128, 128) for _ in range(3)]
     assert all(torch.equal(o, eager) for o in outs)
     assert model._graphed.recorded == 1 and model._graphed.replays == 2
+
+
+@cuda
+def test_tiled_decode_with_graphs_is_the_eager_tiled_decode():
+    model = cod.new_model("tiny-pixel").to("cuda").eval().set_precision("bf16")
+    indices = model.encode(torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0)).cuda())
+    eager = model.decode(indices, 256, 256, steps=4, tile=128)
+    model.use_cuda_graphs()
+    assert all(torch.equal(model.decode(indices, 256, 256, steps=4, tile=128), eager) for _ in range(2))
+    assert model._graphed.recorded >= 1
