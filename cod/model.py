@@ -99,7 +99,7 @@ class CoDModel(torch.nn.Module):
         self.compiled = False
         self.tile: str | int = "auto"  # decode in overlapping windows: "auto", "off" or pixels (cod.diffusion.tiling)
         self.cuda_graphs = False  # replay the network's calls from CUDA graphs on a GPU (cod.cuda_graphs)
-        self._graphed = None
+        self._graphed: dict = {}  # name -> GraphedCall; dropped whenever the weights change (_drop_graphs)
 
     @property
     def fingerprint(self) -> str:
@@ -200,20 +200,38 @@ class CoDModel(torch.nn.Module):
     def graphed_denoiser(self):
         """The denoiser, or with cuda_graphs on, the denoiser replayed from CUDA graphs (cod.cuda_graphs: one graph
         per call signature, kept for later decodes; on a CPU the same calls as the denoiser's)."""
+        return self._graphed_call("denoiser", lambda: self.denoiser)
+
+    def _graphed_call(self, name: str, fn):
+        """fn() (a network or one of its methods), or with cuda_graphs on, it wrapped in a GraphedCall kept under
+        name until the weights change."""
         if not self.cuda_graphs:
-            return self.denoiser
-        if self._graphed is None:
+            return fn()
+        if name not in self._graphed:
             from cod.cuda_graphs import GraphedCall
 
-            self._graphed = GraphedCall(self.denoiser, type(self.denoiser).__name__)
-        return self._graphed
+            self._graphed[name] = GraphedCall(fn(), f"{type(self.denoiser).__name__}.{name}")
+        return self._graphed[name]
 
     def use_cuda_graphs(self, enabled: bool = True) -> "CoDModel":
         """Replay the decode's network calls from CUDA graphs on a CUDA device (cod.cuda_graphs): the same kernels
         without the host's launch overhead. The first call of each shape runs eagerly, the second records."""
         self.cuda_graphs = bool(enabled)
-        self._graphed = None
+        self._drop_graphs()
         return self
+
+    def cuda_graph_counts(self) -> tuple[int, int]:
+        """(graphs recorded, replays) over this model's graphed calls since their weights last changed."""
+        return (sum(g.recorded for g in self._graphed.values()), sum(g.replays for g in self._graphed.values()))
+
+    def _drop_graphs(self) -> None:
+        """Recorded graphs read the weights where they were: any change of the weights' storage (moving,
+        converting, folding, compiling) drops them."""
+        self._graphed = {}
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), ...: the weights move, graphs would read old memory
+        self.__dict__["_graphed"] = {}
+        return super()._apply(fn, recurse)
 
     @property
     def pixels_per_cell(self) -> int:
@@ -257,6 +275,7 @@ class CoDModel(torch.nn.Module):
         _ = self.fingerprint  # of the float32 weights, computed before they change
         prepare_denoiser(self.denoiser, precision)  # the VAE decoder stays float32 (runs once per image)
         self.precision = precision
+        self._drop_graphs()
         return self
 
     def compile_denoiser(self, **options) -> "CoDModel":
@@ -267,6 +286,7 @@ class CoDModel(torch.nn.Module):
         if not self.compiled:
             self.denoiser.compile(**{"dynamic": False, **options})
             self.compiled = True
+            self._drop_graphs()
         return self
 
     @torch.no_grad()
@@ -399,6 +419,7 @@ class OneStepModel(CoDModel):
         less work per decode). Done by cod.load; the weights' fingerprint is taken before (the file's layout)."""
         _ = self.fingerprint
         self.denoiser.fold_modulation()
+        self._drop_graphs()
         return self
 
     def compile_denoiser(self, **options) -> "OneStepModel":
@@ -412,6 +433,7 @@ class OneStepModel(CoDModel):
             self.denoiser.compile(**options)
             self.denoiser.codec.decoder.compile(**options)
             self.compiled = True
+            self._drop_graphs()
         return self
 
     def set_precision(self, precision: str) -> "OneStepModel":
@@ -450,14 +472,8 @@ class OneStepModel(CoDModel):
         return self.graphed_decode()(indices, noise=self.initial_noise(indices.shape[0], height, width, seeds))
 
     def graphed_decode(self):
-        """The generator's decode_indices, replayed from CUDA graphs when cuda_graphs is on (CoDModel.graphed_denoiser)."""
-        if not self.cuda_graphs:
-            return self.denoiser.decode_indices
-        if self._graphed is None:
-            from cod.cuda_graphs import GraphedCall
-
-            self._graphed = GraphedCall(self.denoiser.decode_indices, type(self.denoiser).__name__)
-        return self._graphed
+        """The generator's decode_indices, replayed from CUDA graphs when cuda_graphs is on (CoDModel._graphed_call)."""
+        return self._graphed_call("decode_indices", lambda: self.denoiser.decode_indices)
 
     @torch.no_grad()
     def reconstruct(self, images01: torch.Tensor, seeds: int | list[int] = 0, tile=None, **sampling) -> torch.Tensor:
@@ -467,7 +483,8 @@ class OneStepModel(CoDModel):
         self.check_decode_options(sampling)
         self.network(H, W, tile)
         y = self.condition_image(images01.to(self.device))
-        return self.to_uint8(self.denoiser.inference(y, noise=self.initial_noise(B, H, W, seeds)))
+        inference = self._graphed_call("inference", lambda: self.denoiser.inference)
+        return self.to_uint8(inference(y, noise=self.initial_noise(B, H, W, seeds)))
 
     def save(self, out_dir, card: dict | None = None, objective_state: dict | None = None, overwrite: bool = False,
              weights_dtype: torch.dtype | None = None) -> Path:

@@ -37,12 +37,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     on every device: on Hopper its fused kernels beat ours 2.8x in bf16 at the released shape and a whole bf16 XL
     decode ran 8 % faster with them (docs/kernels.md, one H200, 2026-11-26); "triton" forces the Triton kernel (on
     CPU only under TRITON_INTERPRET=1). The environment variable COD_ATTENTION (auto, triton, reference) replaces
-    "auto" for every call.
+    "auto" for every call made eagerly (benchmarks, debugging); traced, exported and compiled graphs always get
+    the reference, which they can rebuild.
     """
-    if backend == "auto":  # COD_ATTENTION=reference|triton chooses for every call (benchmarks, debugging)
-        backend = os.environ.get("COD_ATTENTION", "auto")
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got '{backend}'")
+    if backend == "auto" and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+                                  or torch.compiler.is_compiling()):
+        backend = os.environ.get("COD_ATTENTION", "auto").strip().lower() or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"COD_ATTENTION must be one of {BACKENDS}, got '{os.environ['COD_ATTENTION']}'")
     if backend == "triton":
         return FusedAttention.apply(*common_dtype(q, k, v), scale)
     return attention_reference(q, k, v, scale)

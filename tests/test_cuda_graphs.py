@@ -5,6 +5,8 @@ skipped and the passthrough tests check that the seam is inert there.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -35,7 +37,48 @@ def test_model_with_graphs_decodes_the_same_on_cpu():
     plain = model.decode(indices, 64, 64, steps=2)
     model.use_cuda_graphs()
     assert torch.equal(model.decode(indices, 64, 64, steps=2), plain)
-    assert model._graphed.recorded == 0
+    assert model.cuda_graph_counts() == (0, 0)
+
+
+def test_signatures_tell_apart_what_a_graph_would_bake_in():
+    from torch.utils._pytree import tree_flatten
+
+    from cod.cuda_graphs import _signature
+
+    x = torch.zeros(2, 3)
+
+    def key(*args, **kwargs):
+        return _signature(*tree_flatten((args, kwargs)), None)
+
+    assert key(x, y=x) != key(x, cond=x)  # the same leaves, other arguments
+    assert len({key(x, True), key(x, 1), key(x, 1.0)}) == 3
+    assert key(x, None) != key(x, x)
+    assert key(x.t()) != key(x.t().contiguous())  # strides
+    with torch.inference_mode():
+        inside = key(x)
+    assert inside != key(x)  # inference mode: its static buffers could not be written outside it
+
+
+def test_graphs_are_dropped_when_the_weights_change():
+    model = cod.new_model("tiny-pixel").eval().use_cuda_graphs()
+    first = model.graphed_denoiser()
+    assert model.graphed_denoiser() is first  # kept between decodes
+    for change in (lambda m: m.to(torch.float64).to(torch.float32), lambda m: m.set_precision("bf16"),
+                   lambda m: m.compile_denoiser()):
+        change(model)
+        assert model.graphed_denoiser() is not first
+        first = model.graphed_denoiser()
+    copied = copy.deepcopy(first)
+    assert copied.graphs == {} and copied.recorded == 0
+
+
+def test_onestep_model_with_graphs_on_serves_every_path():
+    model = cod.new_model("cod-lite-0.0039").eval().use_cuda_graphs()
+    model.graphed_denoiser()  # the generator itself, kept apart from its decode_indices and inference wrappers
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    indices = model.encode(image)
+    assert model.decode(indices, 64, 64).shape == (1, 3, 64, 64)
+    assert model.reconstruct(image).shape == (1, 3, 64, 64)
 
 
 @cuda
@@ -73,7 +116,8 @@ def test_decode_with_graphs_is_the_eager_decode(precision):
     first = model.decode(indices, 128, 128, steps=6)
     again = model.decode(indices, 128, 128, steps=6)
     assert torch.equal(first, eager) and torch.equal(again, eager)
-    assert model._graphed.recorded >= 1 and model._graphed.replays >= 4
+    recorded, replays = model.cuda_graph_counts()
+    assert recorded >= 1 and replays >= 4
 
 
 @cuda
@@ -85,7 +129,7 @@ def test_onestep_decode_with_graphs_is_the_eager_decode():
     model.use_cuda_graphs()
     outs = [model.decode(indices, 128, 128) for _ in range(3)]
     assert all(torch.equal(o, eager) for o in outs)
-    assert model._graphed.recorded == 1 and model._graphed.replays == 2
+    assert model.cuda_graph_counts() == (1, 2)
 
 
 @cuda
@@ -95,4 +139,4 @@ def test_tiled_decode_with_graphs_is_the_eager_tiled_decode():
     eager = model.decode(indices, 256, 256, steps=4, tile=128)
     model.use_cuda_graphs()
     assert all(torch.equal(model.decode(indices, 256, 256, steps=4, tile=128), eager) for _ in range(2))
-    assert model._graphed.recorded >= 1
+    assert model.cuda_graph_counts()[0] >= 1

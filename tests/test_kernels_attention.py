@@ -74,7 +74,8 @@ def test_triton_kernel_matches_reference_under_the_interpreter():
         assert err < 2e-3, (case, err)
 
 
-def test_auto_backend_on_cpu_is_the_reference():
+def test_auto_backend_on_cpu_is_the_reference(monkeypatch):
+    monkeypatch.delenv("COD_ATTENTION", raising=False)
     q, k, v = (torch.randn(1, 9, 2, 16) for _ in range(3))
     assert torch.equal(attention(q, k, v), attention_reference(q, k, v))
     manual = torch.softmax(torch.einsum("blgd,bmgd->bglm", q, k) / 4.0, -1)
@@ -102,3 +103,13 @@ def test_forcing_triton_on_cpu_without_the_interpreter_explains_itself():
     q = torch.randn(1, 4, 1, 16)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         attention(q, q, q, backend="triton")
+
+
+def test_cod_attention_chooses_for_auto_calls_and_is_checked(monkeypatch):
+    q, k, v = (torch.randn(1, 9, 2, 16) for _ in range(3))
+    monkeypatch.setenv("COD_ATTENTION", "reference")
+    assert torch.equal(attention(q, k, v), attention_reference(q, k, v))
+    monkeypatch.setenv("COD_ATTENTION", "fastest")
+    with pytest.raises(ValueError, match="COD_ATTENTION"):
+        attention(q, k, v)
+    assert torch.equal(attention(q, k, v, backend="reference"), attention_reference(q, k, v))  # explicit: unaffected

@@ -288,8 +288,8 @@ def bench_one(args, device, preset, base, size, precisions, peaks) -> list[dict]
             f"est_speedup_{args.extrapolate_to}_steps": None,
             "max_abs_levels_vs_baseline": max_abs, "psnr_db_vs_baseline": psnr,
             "max_abs_levels_vs_eager_twin": twin_levels,
-            "graphs_recorded": getattr(v.model._graphed, "recorded", None),
-            "graph_replays": getattr(v.model._graphed, "replays", None),
+            "graphs_recorded": v.model.cuda_graph_counts()[0] if v.twin is not None else None,
+            "graph_replays": v.model.cuda_graph_counts()[1] if v.twin is not None else None,
         })
     if args.steps < args.extrapolate_to:
         key = f"est_decode_s_{args.extrapolate_to}_steps"

@@ -263,6 +263,8 @@ def coder(a) -> dict:
     rng = np.random.default_rng(a.seed)
     result = {"machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
               "precision": a.precision}
+    if a.gpu_only and a.device != "cuda":
+        raise SystemExit("bench_entropy: --gpu-only needs --device cuda")
     if a.device == "cuda" and a.gpu_only:
         result["gpu"] = gpu_rows(rng, a.batch, a.batch_n, a.repeats, a.precision)
         table(result["gpu"], "GPU (Triton) batched coder")

@@ -38,7 +38,7 @@ def best_seconds(fn: Callable[[], torch.Tensor], device: str, repeats: int) -> f
     fn()  # warm-up: Triton compiles on the first call
     sync()
     best = float("inf")
-    calls = 10 if device == "cuda" else 1  # back-to-back calls per timing: a GPU kernel is shorter than one sync
+    calls = 10 if device.startswith("cuda") else 1  # back-to-back calls per timing: a GPU kernel is shorter than one sync
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(calls):

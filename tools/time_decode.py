@@ -76,6 +76,13 @@ def main() -> None:
     from cod.model import new_model
 
     device = torch.device(a.device)
+    from cod.errors import PrecisionError
+    from cod.precision import check_precision
+
+    try:
+        check_precision(a.precision, device)
+    except PrecisionError as e:
+        raise SystemExit(f"time_decode: {e}") from None
     torch.manual_seed(0)
     model = new_model(a.preset)
     model.fingerprint = f"time-{a.preset}"  # never saved: skip hashing the weights
@@ -108,12 +115,12 @@ def main() -> None:
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} thread(s)"
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine}, torch {torch.__version__}, load "
           f"{os.getloadavg()[0]:.1f}; first decode {times[0]:.3f} s"
-          + (f" (graphs recorded: {model._graphed.recorded})" if model._graphed is not None else "") + "\n")
+          + (f" (graphs recorded: {model.cuda_graph_counts()[0]})" if a.graphs else "") + "\n")
+    if a.profile:
+        profile_pass(model, indices[:1], side, device)
     print("| preset | size | precision | variant | batch | steps | decode s | images/s | TFLOP counted | "
           "GFLOP/s (at most) | peak GFLOP/s before / after |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    if a.profile:
-        profile_pass(model, indices[:1], side, device)
     variant = "+".join(["eager" if not a.compile else "compile"] + (["graphs"] if a.graphs else []))
     print(f"| {a.preset} | {side}x{side} | {a.precision} | {variant} | {a.batch} | {a.steps} | {seconds:.3f} | "
           f"{a.batch / seconds:.2f} | {tflop:.2f} | {tflop * 1e3 / seconds:.0f} | {before:.0f} / {after:.0f} |")

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cod.kernels import attention  # fused Triton kernel on CUDA, PyTorch reference elsewhere
+from cod.cuda_graphs import hold
+from cod.kernels import attention  # PyTorch's SDPA (chunked where it would hold every score); Triton on request
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -117,13 +118,16 @@ def rope_2d(height: int, width: int, head_dim: int, device: torch.device | str =
         raise ValueError(f"2-D RoPE needs a head dim divisible by 4, got {head_dim}")
     if torch.compiler.is_compiling():  # the cached table enters the compiled graph as an input (see _rope_eager)
         return _rope_eager(height, width, head_dim, str(device), theta, span, step)
-    return _rope_cached(height, width, head_dim, str(device), theta, span, step)
+    # a CUDA graph recorded now reads the cached table: it must outlive the cache entry (cod.cuda_graphs.hold)
+    return hold(_rope_cached(height, width, head_dim, str(device), theta, span, step))
 
 
 # Under torch.compile the table is looked up eagerly (a graph break), not computed inside the graph: a graph that
 # computes it on the CPU and copies it to the GPU at every call cannot be recorded as a CUDA graph (host-to-device
 # copies from pageable memory are refused during capture), and the cached table is the same values as eager mode's.
-_rope_eager = torch.compiler.disable(_rope_cached)
+@torch.compiler.disable
+def _rope_eager(*key) -> torch.Tensor:
+    return hold(_rope_cached(*key))
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
