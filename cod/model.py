@@ -15,6 +15,8 @@ same indices into the same .cod files through the same API.
 """
 from __future__ import annotations
 
+import contextlib
+
 import datetime as _dt
 import hashlib
 import json
@@ -427,14 +429,26 @@ class OneStepModel(CoDModel):
         in a decode from indices), with inductor's freezing: the weights become constants, so the matrix products
         run as prepacked oneDNN kernels with their bias and activation fused and the folded modulation is constant-
         folded. A one-step model never changes its weights after loading, which is what freezing assumes. The first
-        decode at each size compiles (about a minute for CoD-Lite on a 2-core CPU, docs/benchmarks.md)."""
+        decode at each size compiles (about a minute for CoD-Lite on a 2-core CPU, docs/benchmarks.md).
+
+        Freezing is inductor's global setting `torch._inductor.config.freezing`, read when a graph compiles (at the
+        first call, not here; `torch.compile(options={"freezing": True})` does not reach it): the decode paths set it
+        for their own calls only (`_compiling`), so other compiled code in the process is unaffected."""
         if not self.compiled:
-            options = {"dynamic": False, "options": {"freezing": True}, **options}
+            options = {"dynamic": False, **options}
             self.denoiser.compile(**options)
             self.denoiser.codec.decoder.compile(**options)
             self.compiled = True
             self._drop_graphs()
         return self
+
+    def _compiling(self):
+        """The context of a decode's network calls: inductor's freezing on while a compiled model compiles."""
+        if not self.compiled:
+            return contextlib.nullcontext()
+        import torch._inductor.config as inductor_config
+
+        return inductor_config.patch(freezing=True)
 
     def set_precision(self, precision: str) -> "OneStepModel":
         if precision != "fp32":
@@ -469,7 +483,8 @@ class OneStepModel(CoDModel):
         self.check_decode_options(sampling)
         self.network(height, width, tile)
         indices = indices.to(self.device)
-        return self.graphed_decode()(indices, noise=self.initial_noise(indices.shape[0], height, width, seeds))
+        with self._compiling():
+            return self.graphed_decode()(indices, noise=self.initial_noise(indices.shape[0], height, width, seeds))
 
     def graphed_decode(self):
         """The generator's decode_indices, replayed from CUDA graphs when cuda_graphs is on (CoDModel._graphed_call)."""
@@ -484,7 +499,8 @@ class OneStepModel(CoDModel):
         self.network(H, W, tile)
         y = self.condition_image(images01.to(self.device))
         inference = self._graphed_call("inference", lambda: self.denoiser.inference)
-        return self.to_uint8(inference(y, noise=self.initial_noise(B, H, W, seeds)))
+        with self._compiling():
+            return self.to_uint8(inference(y, noise=self.initial_noise(B, H, W, seeds)))
 
     def save(self, out_dir, card: dict | None = None, objective_state: dict | None = None, overwrite: bool = False,
              weights_dtype: torch.dtype | None = None) -> Path:

@@ -162,3 +162,23 @@ def test_config_that_does_not_describe_the_weights_is_refused(model_dir, tmp_pat
     assert main(["compress", str(tmp_path / "a.png"), "--model", bad, "-o", str(tmp_path / "a.cod")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("cod: error:") and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_compiled_onestep_decode_is_frozen_for_its_own_calls_only():
+    """OneStepModel.compile_denoiser compiles with inductor's freezing (weights as constants: what made CoD-Lite's
+    CPU decode 0.51 -> 0.45 s, docs/benchmarks.md); freezing is a global inductor setting, so the decode sets it for
+    its own calls and leaves it as it was. The compiled decode stays within float rounding of the eager one."""
+    import torch._inductor.config as inductor_config
+
+    torch.manual_seed(0)
+    model = cod.new_model("tiny-cod-lite").eval()
+    model.fold_modulation()
+    indices = model.encode(torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    eager = model.decode(indices, 64, 64)
+    seen = []
+    inner = model.denoiser.decode_indices
+    model.denoiser.decode_indices = lambda *a, **k: seen.append(inductor_config.freezing) or inner(*a, **k)
+    model.compile_denoiser()
+    compiled = model.decode(indices, 64, 64)
+    assert seen == [True] and inductor_config.freezing is False
+    assert (compiled.int() - eager.int()).abs().max() <= 1
