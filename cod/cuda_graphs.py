@@ -85,11 +85,6 @@ class GraphedCall:
         self.recorded = 0  # graphs recorded (for tests and benchmarks)
         self.replays = 0
 
-    def __getattr__(self, name: str):  # the wrapped network's attributes (patch_size, ...) stay reachable
-        if name == "fn":
-            raise AttributeError(name)
-        return getattr(self.fn, name)
-
     def __getstate__(self) -> dict:  # a copy (deepcopy, pickle) starts without graphs: they belong to this object
         return {**self.__dict__, "graphs": OrderedDict(), "seen": set(), "pool": None, "recorded": 0, "replays": 0}
 

@@ -16,7 +16,6 @@ same indices into the same .cod files through the same API.
 from __future__ import annotations
 
 import contextlib
-
 import datetime as _dt
 import hashlib
 import json
@@ -232,7 +231,7 @@ class CoDModel(torch.nn.Module):
         self._graphed = {}
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), ...: the weights move, graphs would read old memory
-        self.__dict__["_graphed"] = {}
+        self._drop_graphs()
         return super()._apply(fn, recurse)
 
     @property
@@ -301,7 +300,7 @@ class CoDModel(torch.nn.Module):
         y_uncond = self.condition_image(-torch.ones_like(y))
         sampler = self.sampler(**sampling)
         net = self.network(H, W, tile, sampler.exact)
-        if net is self.graphed_denoiser() and sampler.exact:  # the release: the codec runs inside the first network call
+        if net is self.graphed_denoiser() and sampler.exact:  # the release: the codec runs in the first network call
             x = sampler(net, self.initial_noise(B, H, W, seeds), y=y, y_uncond=y_uncond)
         else:  # the same codec call, made once up front, so that unguided steps can skip the unconditional half
             cond, _ = self.codec(torch.cat([y_uncond.expand_as(y), y]))  # (and windows can crop the map)

@@ -7,6 +7,7 @@
     python tools/bench_onestep.py                                   # the cases of docs/benchmarks.md
     python tools/bench_onestep.py --cases cod-lite-0.0039@720x480 --precision fp32,bf16 --repeats 5
     python tools/bench_onestep.py --cases onestep-cod-0.0039@512x512 --precision bf16 --modulation folded
+    python tools/bench_onestep.py --cases cod-lite-0.0039@720x480 --modulation folded --stream-budgets-mib 1024,32
 
 A case is PRESET@WIDTHxHEIGHT (cod.models.onestep_presets); the image is padded to the model's size multiple as
 the codec does (720x480 -> 736x480 for ds 32). Weights are random (seed 0): speed does not depend on them. All
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from bench_codec import sync  # this folder's codec benchmark
 from cod.limits import decode_tflop
 from cod.model import OneStepModel, build_config
 from cod.models.onestep_presets import get_onestep_preset
@@ -80,33 +82,46 @@ def peak_products(size: int, device: torch.device) -> dict[str, callable]:
     return {("peak", p): (lambda a=a: a @ a) for p, a in operands.items()}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def with_stream_budget(model: OneStepModel, mib: int | None):
+    """model.decode, with CoD-Lite's per-pixel stream in runs of at most `mib` MiB (None: the default) on the
+    model's device kind (cod.models.dconv.PIXEL_STREAM_BUDGET_BYTES; no effect on One-step CoD)."""
+    import cod.models.dconv as dconv
+
+    kind = "cpu" if model.device.type == "cpu" else "accelerator"
+    default = dconv.PIXEL_STREAM_BUDGET_BYTES[kind]
+
+    def decode(*args, **kwargs):
+        dconv.PIXEL_STREAM_BUDGET_BYTES[kind] = default if mib is None else mib << 20
+        try:
+            return model.decode(*args, **kwargs)
+        finally:
+            dconv.PIXEL_STREAM_BUDGET_BYTES[kind] = default
+
+    return decode
 
 
-def time_decodes(models: dict, indices: torch.Tensor, height: int, width: int, repeats: int,
+def time_decodes(decodes: dict, indices: torch.Tensor, height: int, width: int, repeats: int,
                  products: dict | None = None, device: torch.device = torch.device("cpu")) -> tuple[dict, dict]:
-    """Best time per model (and per matrix product of `products`), all interleaved round-robin after two warm-up
-    calls each (allocator, oneDNN primitive caches, compilation; CUDA graphs record at the second call); also the
-    time of the first call. On CUDA every timing is bracketed by synchronisations."""
-    calls = {key: (lambda m=model: m.decode(indices, height, width)) for key, model in models.items()}
+    """Best time per decode function (and per matrix product of `products`), all interleaved round-robin after two
+    warm-up calls each (allocator, oneDNN primitive caches, compilation; CUDA graphs record at the second call);
+    also the time of the first call. On CUDA every timing is bracketed by synchronisations."""
+    calls = {key: (lambda d=decode: d(indices, height, width)) for key, decode in decodes.items()}
     calls.update(products or {})
     best, first = dict.fromkeys(calls, float("inf")), {}
     with torch.no_grad():
         for key, call in calls.items():
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             call()
-            _sync(device)
+            sync(device)
             first[key] = time.perf_counter() - start
             call()
         for _ in range(repeats):
             for key, call in calls.items():
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
                 call()
-                _sync(device)
+                sync(device)
                 best[key] = min(best[key], time.perf_counter() - start)
     return best, first
 
@@ -119,6 +134,9 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time each variant under torch.compile")
     ap.add_argument("--graphs", action="store_true", help="also each variant replayed from CUDA graphs (CUDA)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--stream-budgets-mib", default="",
+                    help="comma-separated: also each variant with CoD-Lite's per-pixel stream in runs of this many MiB "
+                         "(cod.models.dconv.PIXEL_STREAM_BUDGET_BYTES), timed side by side; default: the built-in")
     ap.add_argument("--peak-size", type=int, default=2048, help="side of the peak matrix products (0: none)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -126,7 +144,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else platform.processor() or platform.machine())
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
           f"{machine}, torch {torch.__version__}, {args.threads} thread(s)")
     rows = []
@@ -146,24 +165,29 @@ def main() -> None:
               + (f"; {PUBLISHED[(preset, width, height)]}" if (preset, width, height) in PUBLISHED else ""))
         print("\n| precision | modulation | time (s) | core-s | GFLOP/s | % peak | compile (s) |"
               "\n|---|---|---|---:|---:|---:|---:|")
+        budgets = [int(b) for b in args.stream_budgets_mib.split(",") if b.strip()] or [None]
         models = {(precision, modulation, compiled, graphs): variant(base, precision, modulation, compiled, graphs)
                   for precision in args.precision.split(",") for modulation in args.modulation.split(",")
                   for compiled in ((False, True) if args.compile else (False,))
                   for graphs in ((False, True) if args.graphs else (False,))}
+        decodes = {key + (mib,): with_stream_budget(m, mib) for key, m in models.items() for mib in budgets}
         del base
         products = peak_products(args.peak_size, device) if args.peak_size else {}
-        times, first = time_decodes(models, indices, ph, pw, args.repeats, products, device)
-        images = {key: m.decode(indices, ph, pw) for key, m in models.items()}
-        del models
+        times, first = time_decodes(decodes, indices, ph, pw, args.repeats, products, device)
+        images = {key: decode(indices, ph, pw) for key, decode in decodes.items()}
+        del models, decodes
         peak_gflops = {p: 2 * args.peak_size ** 3 / times[("peak", p)] / 1e9 for p in PEAK_DTYPES
                        if ("peak", p) in times}
         for key, t in times.items():
             if key[0] == "peak":
                 continue
-            precision, modulation, compiled, graphs = key
+            precision, modulation, compiled, graphs, mib = key
             twin = None  # a graphs variant's image against the same variant's eager one: must be equal
             if graphs:
-                twin = int((images[key].int() - images[key[:3] + (False,)].int()).abs().max())
+                twin = int((images[key].int() - images[key[:3] + (False, mib)].int()).abs().max())
+            runs = None  # a variant in other runs than the first budget's, against that one's image
+            if mib != budgets[0]:
+                runs = int((images[key].int() - images[key[:4] + (budgets[0],)].int()).abs().max())
             gflops = tflop * 1e3 / t
             peak = peak_gflops.get(precision)
             compile_s = first[key] - t if compiled else None
@@ -172,18 +196,21 @@ def main() -> None:
                          "core_seconds": t * args.threads, "gflop": tflop * 1e3, "gflops": gflops,
                          "peak_gflops": peak, "fraction_of_peak": gflops / peak if peak else None,
                          "compile_seconds": compile_s, "threads": args.threads, "load_before": load,
-                         "graphs": graphs, "max_abs_levels_vs_eager_twin": twin, "device": str(device)})
-            label = modulation + (" compiled" if compiled else "") + (f" graphs ({twin} levels from eager)" if graphs
-                                                                       else "")
+                         "graphs": graphs, "max_abs_levels_vs_eager_twin": twin, "device": str(device),
+                         "stream_budget_mib": mib, "max_abs_levels_vs_first_budget": runs})
+            label = (modulation + (" compiled" if compiled else "")
+                     + (f" graphs ({twin} levels from eager)" if graphs else "")
+                     + ("" if mib is None else f" runs of {mib} MiB")
+                     + ("" if runs is None else f" ({runs} levels from {budgets[0]} MiB)"))
             print(f"| {precision} | {label} | {t:.3f} | {t * args.threads:.3f} "
                   f"| {gflops:.1f} | {f'{100 * gflops / peak:.0f} %' if peak else '-'} "
                   f"| {f'{compile_s:.1f}' if compiled else '-'} |")
         for p, g in peak_gflops.items():
             print(f"peak ({args.peak_size}^2 matrix product, {p}, same loop): {g:.0f} GFLOP/s")
         for precision in args.precision.split(","):
-            if (precision, "live", False, False) in times and (precision, "folded", False, False) in times:
-                print(f"{precision}: folded is {times[(precision, 'live', False, False)] / times[(precision, 'folded', False, False)]:.2f}x "
-                      f"the speed of live")
+            live, folded = (times.get((precision, m, False, False, budgets[0])) for m in ("live", "folded"))
+            if live and folded:
+                print(f"{precision}: folded is {live / folded:.2f}x the speed of live")
         print(f"load after: {os.getloadavg()[0]:.1f}")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine,

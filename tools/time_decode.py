@@ -15,24 +15,8 @@ import time
 
 import torch
 
+from bench_codec import build, matmul_peak, sync  # this folder's codec benchmark: the same model and peak
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
-    n = 8192 if device.type == "cuda" else 2048
-    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
 
 
 def profile_pass(model, indices, side: int, device: torch.device, top: int = 25) -> None:
@@ -72,26 +56,16 @@ def main() -> None:
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    from cod.limits import decode_tflop
-    from cod.model import new_model
-
-    device = torch.device(a.device)
     from cod.errors import PrecisionError
+    from cod.limits import decode_tflop
     from cod.precision import check_precision
 
+    device = torch.device(a.device)
     try:
         check_precision(a.precision, device)
     except PrecisionError as e:
         raise SystemExit(f"time_decode: {e}") from None
-    torch.manual_seed(0)
-    model = new_model(a.preset)
-    model.fingerprint = f"time-{a.preset}"  # never saved: skip hashing the weights
-    if model.family == "latent" and model.latent is None:  # the SD-VAE has no bundled weights: random ones
-        from cod.models.vae import VAE_PRESETS, AutoencoderKL, LatentSpace
-
-        model.latent = LatentSpace(AutoencoderKL(VAE_PRESETS[model.config["latent"]["vae_preset"]]),
-                                   model.config["latent"]["scale"])
-    model = model.to(device).eval()
+    model = build(a.preset, device)
     model.set_precision(a.precision)
     model.use_cuda_graphs(a.graphs)
     if a.compile:
@@ -101,7 +75,7 @@ def main() -> None:
     grid = model.encode(torch.zeros(1, 3, side, side, device=device)).shape[1:]
     indices = torch.randint(0, model.codec.bottleneck.num_codes, (a.batch, *grid), device=device)
     dtype = torch.float32 if a.precision == "fp32" else torch.bfloat16
-    before = peak(dtype, device)
+    before = matmul_peak(device, dtype) / 1e9
     times = []
     for _ in range(1 if a.repeats <= 1 else a.repeats + 1):
         sync(device)
@@ -110,7 +84,7 @@ def main() -> None:
         sync(device)
         times.append(time.perf_counter() - t)
     seconds = times[0] if len(times) == 1 else min(times[1:])
-    after = peak(dtype, device)
+    after = matmul_peak(device, dtype) / 1e9
     tflop = a.batch * decode_tflop(model, side, side, a.steps)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} thread(s)"
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine}, torch {torch.__version__}, load "

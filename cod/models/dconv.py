@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cod.models.condition_codec import lite_condition_codec
-from cod.models.layers import TimestepEmbedder, modulate, patchify, tokens_from_map, unpatchify
+from cod.models.layers import TimestepEmbedder, modulate, patches_in_runs, patchify, tokens_from_map, unpatchify
 from cod.models.pixnerdit import NerfEmbedder, PixelFinalLayer
 
 VELOCITY_MIN_DENOMINATOR = 0.05  # QUIRK: pred='x' velocity divides by max(1 - t, 0.05)
@@ -27,8 +27,8 @@ VELOCITY_MIN_DENOMINATOR = 0.05  # QUIRK: pred='x' velocity divides by max(1 - t
 # runs of patches, which bounds memory at every size the limits allow. On a CPU the runs are short: at 32 MiB each
 # tensor of a run is a few MB, below glibc's mmap threshold, so freed blocks are reused warm from its heap instead of
 # every layer's output being a fresh mapping faulted in page by page (and the run stays in the last-level cache).
-# CoD-Lite at 720x480 on the 2-core CPU, eager, side by side, identical output: bf16 0.775 s whole, 0.600 s in 24 MiB
-# runs, 0.558 s in 32 MiB, 0.587 s in 48 MiB; fp32 1.59 s whole, 1.16 s in 32 MiB (docs/benchmarks.md). A GPU keeps
+# CoD-Lite at 720x480 on the 2-core CPU, eager, side by side, identical output (tools/bench_onestep.py
+# --stream-budgets-mib 1024,32): bf16 0.713 s whole, 0.550 s in 32 MiB runs; fp32 1.297 s, 0.961 s. A GPU keeps
 # the image whole (1 GiB holds 720x480 in float32).
 PIXEL_STREAM_BUDGET_BYTES = {"cpu": 32 * 2 ** 20, "accelerator": 1 << 30}
 
@@ -195,19 +195,8 @@ class DConv(nn.Module):
         # Every patch decodes its pixels independently, so a large image goes through in runs of patches (as in
         # PixNerDiT), which bounds the per-pixel working set (about 10 Dx values a pixel).
         patches, cond_tokens, s_tokens = patchify(x, p), tokens_from_map(cond), tokens_from_map(s)
-        L = patches.shape[1]
-        budget = PIXEL_STREAM_BUDGET_BYTES["cpu" if x.device.type == "cpu" else "accelerator"]
-        run = max(1, budget // (B * self.pixel_stage_bytes_per_patch(x.element_size())))
-        if run >= L or s.requires_grad:  # under autograd every run's activations stay alive: runs save nothing
-            out = self.decode_patches(patches, cond_tokens, s_tokens)
-        else:
-            out = None
-            for start in range(0, L, run):
-                part = self.decode_patches(patches[:, start:start + run], cond_tokens[:, start:start + run],
-                                           s_tokens[:, start:start + run])
-                if out is None:
-                    out = part.new_empty(B, L, C * p * p)
-                out[:, start:start + run] = part
+        out = patches_in_runs(self.decode_patches, patches, cond_tokens, s_tokens, PIXEL_STREAM_BUDGET_BYTES,
+                              self.pixel_stage_bytes_per_patch(x.element_size()))
         out = unpatchify(out, p, C, H, W)
 
         if not return_pred and self.pred == "x":

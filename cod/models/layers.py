@@ -82,6 +82,27 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(feats)
 
 
+def patches_in_runs(decode, patches: torch.Tensor, cond_tokens: torch.Tensor, s: torch.Tensor, budgets: dict,
+                    bytes_per_patch: int) -> torch.Tensor:
+    """decode(patches, cond_tokens, s) -> [B, L, C p^2] for a per-pixel stage whose patches decode independently
+    (PixNerDiT's NerF stage, CoD-Lite's per-pixel MLP), in runs of patches (all images of the batch at once) into a
+    preallocated output, so the stage holds at most budgets["cpu" | "accelerator"] bytes as counted by
+    bytes_per_patch (per patch and image). Under autograd every run's activations stay alive for the backward, so
+    runs would save nothing there: one call."""
+    B, L = patches.shape[:2]
+    run = max(1, budgets["cpu" if patches.device.type == "cpu" else "accelerator"] // (B * bytes_per_patch))
+    if run >= L or s.requires_grad:
+        return decode(patches, cond_tokens, s)
+    out = None  # allocated in the dtype of decode's output (float32 also when the stream runs in bf16)
+    for start in range(0, L, run):
+        end = start + run
+        part = decode(patches[:, start:end], cond_tokens[:, start:end], s[:, start:end])
+        if out is None:
+            out = part.new_empty(B, L, part.shape[-1])
+        out[:, start:end] = part
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 2-D rotary position embedding
 # --------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from cod.models.condition_codec import ConditionCodec
 from cod.models.denoiser import CoDDenoiser, PatchEmbed
-from cod.models.layers import DiTBlock, RMSNorm, TimestepEmbedder, unpatchify
+from cod.models.layers import DiTBlock, RMSNorm, TimestepEmbedder, patches_in_runs, unpatchify
 
 # Bytes the per-pixel ("NerF") stage may hold at once, as PixNerDiT.pixel_stage_bytes_per_patch counts them;
 # larger inputs go through in runs of patches. On CPU short runs cost nothing: they stay in cache, and the stage
@@ -143,24 +143,11 @@ class PixNerDiT(CoDDenoiser):
                 cond: torch.Tensor | None = None, return_codec_res: bool = False):
         B, C, H, W = x.shape
         st = self.condition_stream(x, t, y, cond)
-        L = st.patches.shape[1]
         cond_tokens = st.cond_tokens.to(x.dtype)
-        # Every patch decodes independently, so a large image goes through in runs of patches (all images of the
-        # batch at once) into a preallocated output: the stage then holds a bounded working set, not hundreds
-        # of bytes per pixel of the whole batch.
-        budget = PIXEL_STAGE_BUDGET_BYTES["cpu" if x.device.type == "cpu" else "accelerator"]
-        run = max(1, budget // (B * self.pixel_stage_bytes_per_patch(x.element_size())))
-        # Under autograd every run's activations stay alive for the backward, so runs would save nothing there.
-        if run >= L or st.s.requires_grad:
-            out = self.decode_patches(st.patches, cond_tokens, st.s)
-        else:
-            out = None  # allocated in the dtype of the velocity (float32 also when the stream runs in bf16)
-            for start in range(0, L, run):
-                end = start + run
-                part = self.decode_patches(st.patches[:, start:end], cond_tokens[:, start:end], st.s[:, start:end])
-                if out is None:
-                    out = part.new_empty(B, L, C * self.patch_size ** 2)
-                out[:, start:end] = part
+        # Every patch decodes independently, so a large image goes through in runs of patches: the stage then holds
+        # a bounded working set, not hundreds of bytes per pixel of the whole batch.
+        out = patches_in_runs(self.decode_patches, st.patches, cond_tokens, st.s, PIXEL_STAGE_BUDGET_BYTES,
+                              self.pixel_stage_bytes_per_patch(x.element_size()))
         out = unpatchify(out, self.patch_size, C, H, W)
         if return_codec_res:
             return out, st.cond, st.codec_res
