@@ -137,10 +137,46 @@ def test_cli_precision_end_to_end(tmp_path, capsys):
 
 
 def test_compile_wraps_the_denoiser_in_place_and_keeps_its_keys():
-    """Compilation itself runs at the first decode (tens of seconds on a CPU: docs/benchmarks.md measures it), so
-    this only checks the wiring."""
+    """Compilation itself runs at the first decode (docs/benchmarks.md measures it), so this only checks the
+    wiring: the whole forward by default, the repeated regions (the DiT blocks, the per-pixel stage) on request."""
     plain = cod.load(embedded_model_dir())
     model = cod.load(embedded_model_dir(), precision="bf16", compile=True)
     assert model.compiled and model.denoiser._compiled_call_impl is not None
+    assert model.denoiser.blocks[0]._compiled_call_impl is None
     assert list(model.denoiser.state_dict()) == list(plain.denoiser.state_dict())
     assert model.compile_denoiser() is model
+    regional = cod.load(embedded_model_dir()).compile_denoiser(regional=True)
+    assert regional.denoiser._compiled_call_impl is None
+    assert all(b._compiled_call_impl is not None for b in regional.denoiser.blocks[:regional.denoiser.num_cond_blocks])
+    assert regional.denoiser.pixel_stage is not regional.denoiser.decode_patches
+    assert list(regional.denoiser.state_dict()) == list(plain.denoiser.state_dict())
+
+
+def test_regional_compile_shares_one_graph_across_blocks_and_decodes_as_eager(reference):
+    """Every DiT block runs the same compiled code (their weights are the graph's inputs): compiling costs one
+    block whatever the depth. The compiled decode equals the eager one up to float rounding."""
+    from torch._dynamo.utils import counters
+
+    _, indices, _ = reference
+    model = cod.load(embedded_model_dir())
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = cod.load(embedded_model_dir()).compile_denoiser(regional=True)
+    assert len(compiled.denoiser.blocks[:compiled.denoiser.num_cond_blocks]) > 1
+    out = compiled.decode(indices, SIZE, SIZE, steps=2, cfg=1.0)
+    ref = model.decode(indices, SIZE, SIZE, steps=2, cfg=1.0)
+    # one graph for the blocks and one for the per-pixel stage (cfg 1: one batch size, one run of patches)
+    assert counters["stats"]["unique_graphs"] == 2
+    assert compare(out, ref)[0] <= 1
+
+
+def test_cli_compile_flags_choose_whole_or_regional():
+    from cod.cli import build_parser
+
+    parse = build_parser().parse_args
+    base = ["decompress", "a.cod", "--model", "m", "-o", "a.png"]
+    assert parse(base).compile is False
+    assert parse(["decompress", "--compile", *base[1:]]).compile == "whole"  # a flag: never takes the input's name
+    assert parse([*base, "--compile-regions"]).compile == "regional"
+    with pytest.raises(ValueError, match="compile must be"):
+        cod.load(embedded_model_dir(), compile="fast")

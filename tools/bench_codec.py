@@ -151,6 +151,8 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: each preset's)")
     ap.add_argument("--precision", default="fp32,bf16,int8", help=f"comma-separated, of {', '.join(PRECISIONS)}")
     ap.add_argument("--compile", action="store_true", help="also each precision under torch.compile (inductor)")
+    ap.add_argument("--compile-regions", action="store_true",
+                    help="also each precision with only the repeated regions compiled (compile_denoiser(regional=True))")
     ap.add_argument("--graphs", action="store_true",
                     help="also each precision (and compiled variant) replayed from CUDA graphs (cod.cuda_graphs; CUDA)")
     ap.add_argument("--repeats", type=int, default=2)
@@ -229,6 +231,9 @@ def bench_one(args, device, preset, base, size, precisions, peaks) -> list[dict]
             if args.graphs:
                 variants.append(Variant(f"{p} + compile + graphs", copy.deepcopy(model).compile_denoiser(
                     dynamic=False).use_cuda_graphs(), False, p, True, compiled))
+        if args.compile_regions:
+            variants.append(Variant(f"{p} + compile (regions)", copy.deepcopy(model).compile_denoiser(
+                regional=True, dynamic=False), False, p, True))
     W = work(base, size)
     base.unconditional_condition(size, size)  # cached before any timing
     for v in variants:  # warm-up (and compilation; graphs are recorded at the second call of each shape)
@@ -311,7 +316,7 @@ def print_table(rows: list[dict], args) -> None:
             "GFLOP/decode", "TFLOP/s", "% peak", "max err (levels)", "PSNR vs base (dB)"]
     if est:
         cols += [f"est. {n}-step decode s", f"est. {n}-step speed-up"]
-    if args.compile:
+    if args.compile or args.compile_regions:
         cols += ["compile s"]
     print(f"\nsteps {args.steps} (cfg {rows[0]['cfg'] if rows else '?'}); speed-up = baseline time / variant time, "
           f"measured side by side; (passes): the same for the steps' network passes alone")
@@ -326,7 +331,7 @@ def print_table(rows: list[dict], args) -> None:
                  "∞" if math.isinf(r["psnr_db_vs_baseline"]) else f"{r['psnr_db_vs_baseline']:.2f}"]
         if est:
             cells += [f"{r[f'est_decode_s_{n}_steps']:.2f}", f"{r[f'est_speedup_{n}_steps']:.2f}×"]
-        if args.compile:
+        if args.compile or args.compile_regions:
             cells += ["–" if r["compile_s"] is None else f"{r['compile_s']:.1f}"]
         print("| " + " | ".join(cells) + " |")
 

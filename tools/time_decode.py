@@ -37,6 +37,13 @@ def profile_pass(model, indices, side: int, device: torch.device, top: int = 25)
     print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60))
 
 
+def _dynamo_graphs() -> int:
+    """How many graphs dynamo compiled in this process (regional compilation: one per region and shape)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="pixel-xl")
@@ -47,7 +54,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=1, help="images decoded together (throughput: images/s)")
     ap.add_argument("--graphs", action="store_true", help="replay the network from CUDA graphs (cod.cuda_graphs)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the denoiser (compile time reported)")
+    ap.add_argument("--compile", nargs="?", const="whole", choices=["whole", "regional"],
+                    help="torch.compile the denoiser (compile time reported): the whole forward as one graph (the "
+                         "default, as cod.load(compile=True)) or only its repeated regions (compile_regions)")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile's mode (e.g. max-autotune-no-cudagraphs: inductor tunes the matrix products)")
+    ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                    help="set torch._inductor.config.KEY (bool/int values), e.g. coordinate_descent_tuning=1")
     ap.add_argument("--repeats", type=int, default=1,
                     help="timed decodes after the first (default 1: the first decode is the one timed); "
                          "with more, the first is a warm-up and the best of the rest is reported")
@@ -69,7 +82,13 @@ def main() -> None:
     model.set_precision(a.precision)
     model.use_cuda_graphs(a.graphs)
     if a.compile:
-        model.compile_denoiser()
+        import torch._inductor.config as inductor_config
+
+        for item in a.inductor:
+            key, _, value = item.partition("=")
+            setattr(inductor_config, key, int(value) if value.lstrip("-").isdigit() else value)
+        model.compile_denoiser(regional=a.compile == "regional",
+                               **({"mode": a.compile_mode} if a.compile_mode else {}))
     m = model.size_multiple
     side = -(-a.size // m) * m
     grid = model.encode(torch.zeros(1, 3, side, side, device=device)).shape[1:]
@@ -89,13 +108,16 @@ def main() -> None:
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} thread(s)"
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine}, torch {torch.__version__}, load "
           f"{os.getloadavg()[0]:.1f}; first decode {times[0]:.3f} s"
-          + (f" (graphs recorded: {model.cuda_graph_counts()[0]})" if a.graphs else "") + "\n")
+          + (f" (graphs recorded: {model.cuda_graph_counts()[0]})" if a.graphs else "")
+          + (f"; compiled {a.compile}{' ' + a.compile_mode if a.compile_mode else ''}"
+             f"{' ' + ' '.join(a.inductor) if a.inductor else ''}: {_dynamo_graphs()} graphs, compile ~"
+             f"{times[0] - seconds:.1f} s" if a.compile and len(times) > 1 else "") + "\n")
     if a.profile:
         profile_pass(model, indices[:1], side, device)
     print("| preset | size | precision | variant | batch | steps | decode s | images/s | TFLOP counted | "
           "GFLOP/s (at most) | peak GFLOP/s before / after |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    variant = "+".join(["eager" if not a.compile else "compile"] + (["graphs"] if a.graphs else []))
+    variant = "+".join(["eager" if not a.compile else f"compile ({a.compile})"] + (["graphs"] if a.graphs else []))
     print(f"| {a.preset} | {side}x{side} | {a.precision} | {variant} | {a.batch} | {a.steps} | {seconds:.3f} | "
           f"{a.batch / seconds:.2f} | {tflop:.2f} | {tflop * 1e3 / seconds:.0f} | {before:.0f} / {after:.0f} |")
 

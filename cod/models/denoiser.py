@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cod.models.layers import patchify, rope_2d, tokens_from_map
+from cod.models.layers import DiTBlock, patchify, rope_2d, tokens_from_map
 
 
 @dataclass
@@ -44,6 +44,19 @@ class CoDDenoiser(nn.Module):
     def token_grid_multiple(self) -> int:
         """Model-space input sizes must be multiples of this."""
         return self.patch_size
+
+    def compile_regions(self, **options) -> None:
+        """torch.compile the repeated regions in place (regional compilation): every DiT block, and what a
+        subclass adds in `_compile_stage`. All blocks share one compiled graph (their parameters are graph inputs),
+        so compiling costs one block, not all of them; the glue between the regions (embedders, the final layer)
+        stays eager, and CUDA graphs (cod.cuda_graphs) record the whole call either way."""
+        for block in self.blocks:
+            if isinstance(block, DiTBlock):
+                block.compile(**options)
+        self._compile_stage(options)
+
+    def _compile_stage(self, options: dict) -> None:
+        """A subclass's other compiled region (PixNerDiT: the per-pixel stage)."""
 
     def condition_stream(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
                          cond: torch.Tensor | None) -> ConditionStream:

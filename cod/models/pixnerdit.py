@@ -146,12 +146,20 @@ class PixNerDiT(CoDDenoiser):
         cond_tokens = st.cond_tokens.to(x.dtype)
         # Every patch decodes independently, so a large image goes through in runs of patches: the stage then holds
         # a bounded working set, not hundreds of bytes per pixel of the whole batch.
-        out = patches_in_runs(self.decode_patches, st.patches, cond_tokens, st.s, PIXEL_STAGE_BUDGET_BYTES,
+        out = patches_in_runs(self.pixel_stage, st.patches, cond_tokens, st.s, PIXEL_STAGE_BUDGET_BYTES,
                               self.pixel_stage_bytes_per_patch(x.element_size()))
         out = unpatchify(out, self.patch_size, C, H, W)
         if return_codec_res:
             return out, st.cond, st.codec_res
         return out, st.cond
+
+    @property
+    def pixel_stage(self):
+        """decode_patches, compiled where compile_regions compiled it."""
+        return getattr(self, "_compiled_pixel_stage", None) or self.decode_patches
+
+    def _compile_stage(self, options: dict) -> None:
+        self._compiled_pixel_stage = torch.compile(self.decode_patches, **options)
 
     def decode_patches(self, patches: torch.Tensor, cond_tokens: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """The per-pixel stage for n patches: patches [B, n, C p^2], condition tokens and s vectors [B, n, D]
