@@ -432,7 +432,7 @@ class OneStepModel(CoDModel):
         self._drop_graphs()
         return self
 
-    def compile_denoiser(self, **options) -> "OneStepModel":
+    def compile_denoiser(self, regional: bool = False, **options) -> "OneStepModel":
         """torch.compile (inductor) the generator and the codec's decoder (which runs outside the generator's forward
         in a decode from indices), with inductor's freezing: the weights become constants, so the matrix products
         run as prepacked oneDNN kernels with their bias and activation fused and the folded modulation is constant-
@@ -441,7 +441,8 @@ class OneStepModel(CoDModel):
 
         Freezing is inductor's global setting `torch._inductor.config.freezing`, read when a graph compiles (at the
         first call, not here; `torch.compile(options={"freezing": True})` does not reach it): the decode paths set it
-        for their own calls only (`_compiling`), so other compiled code in the process is unaffected."""
+        for their own calls only (`_compiling`), so other compiled code in the process is unaffected. `regional` is
+        accepted and ignored: a one-step model runs its network once per image, so it always compiles whole."""
         if not self.compiled:
             options = {"dynamic": False, **options}
             self.denoiser.compile(**options)
