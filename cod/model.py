@@ -48,6 +48,7 @@ WEIGHTS_FILE = "model.safetensors"
 OBJECTIVE_FILE = "objective.safetensors"
 PRIOR_FILE = "prior.safetensors"
 VERIFY_MODES = ("cached", "always")
+COMPILE_MODES = ("whole", "regional")  # CoDModel.compile_denoiser: the whole forward, or its repeated regions
 DENOISERS = {"PixNerDiT": PixNerDiT, "DDT": DDT, "OneStepCoD": OneStepCoD, "OneStepCoDLite": OneStepCoDLite}
 LATENT_DOWNSAMPLE = 8  # the SD VAE; condition tokens cover 16x16 pixels = 2x2 latent cells
 
@@ -744,6 +745,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", vae_path: 
     (cod.diffusion.tiling; docs/precision.md). cuda_graphs: on a CUDA device, replay the decode's network calls from
     CUDA graphs (cod.cuda_graphs; no effect on a CPU)."""
     check_precision(precision, device)
+    if compile is not False and compile is not True and compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be False, True or one of {', '.join(COMPILE_MODES)}, not {compile!r}")
     tile = parse_tile(tile)
     path = Path(path)
     config = read_config(path)
@@ -760,8 +763,6 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", vae_path: 
         model.prior_fingerprint = config["checksums"][PRIOR_FILE]
     model.to(device).set_precision(precision)
     model.use_cuda_graphs(cuda_graphs)
-    if compile not in (False, True, "whole", "regional"):
-        raise ValueError(f"compile must be False, True, 'whole' or 'regional', not {compile!r}")
     return model.compile_denoiser(regional=compile == "regional") if compile else model
 
 

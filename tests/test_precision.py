@@ -3,7 +3,9 @@ docs/precision.md documents, indices that never depend on the precision, fp8 and
 one line, and `--precision` end to end."""
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -148,8 +150,13 @@ def test_compile_wraps_the_denoiser_in_place_and_keeps_its_keys():
     regional = cod.load(embedded_model_dir()).compile_denoiser(regional=True)
     assert regional.denoiser._compiled_call_impl is None
     assert all(b._compiled_call_impl is not None for b in regional.denoiser.blocks[:regional.denoiser.num_cond_blocks])
-    assert regional.denoiser.pixel_stage is not regional.denoiser.decode_patches
+    assert regional.denoiser.__dict__.get("_compiled_stage") is not None
+    assert regional.denoiser.pixel_stage is regional.denoiser.__dict__["_compiled_stage"]
     assert list(regional.denoiser.state_dict()) == list(plain.denoiser.state_dict())
+    copied = copy.deepcopy(regional.denoiser)  # a copy is uncompiled, as PyTorch copies a compiled module
+    assert "_compiled_stage" not in copied.__dict__ and copied.blocks[0]._compiled_call_impl is None
+    assert copied.pixel_stage.__self__ is copied
+    pickle.dumps(regional.denoiser)
 
 
 def test_regional_compile_shares_one_graph_across_blocks_and_decodes_as_eager(reference):
@@ -178,5 +185,7 @@ def test_cli_compile_flags_choose_whole_or_regional():
     assert parse(base).compile is False
     assert parse(["decompress", "--compile", *base[1:]]).compile == "whole"  # a flag: never takes the input's name
     assert parse([*base, "--compile-regions"]).compile == "regional"
+    with pytest.raises(SystemExit):
+        parse([*base, "--compile", "--compile-regions"])
     with pytest.raises(ValueError, match="compile must be"):
         cod.load(embedded_model_dir(), compile="fast")

@@ -232,8 +232,12 @@ def bench_one(args, device, preset, base, size, precisions, peaks) -> list[dict]
                 variants.append(Variant(f"{p} + compile + graphs", copy.deepcopy(model).compile_denoiser(
                     dynamic=False).use_cuda_graphs(), False, p, True, compiled))
         if args.compile_regions:
-            variants.append(Variant(f"{p} + compile (regions)", copy.deepcopy(model).compile_denoiser(
-                regional=True, dynamic=False), False, p, True))
+            regions = Variant(f"{p} + compile (regions)", copy.deepcopy(model).compile_denoiser(
+                regional=True, dynamic=False), False, p, True)
+            variants.append(regions)
+            if args.graphs:
+                variants.append(Variant(f"{p} + compile (regions) + graphs", copy.deepcopy(model).compile_denoiser(
+                    regional=True, dynamic=False).use_cuda_graphs(), False, p, True, regions))
     W = work(base, size)
     base.unconditional_condition(size, size)  # cached before any timing
     for v in variants:  # warm-up (and compilation; graphs are recorded at the second call of each shape)

@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from bench_codec import build, matmul_peak, sync  # this folder's codec benchmark: the same model and peak
+from bench_codec import build, matmul_peak, sync
+from cod.model import COMPILE_MODES  # this folder's codec benchmark: the same model and peak
 
 
 
@@ -37,6 +38,18 @@ def profile_pass(model, indices, side: int, device: torch.device, top: int = 25)
     print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60))
 
 
+def _setting(value: str):
+    """An inductor setting's value from the command line: true/false, an integer, a float, else the string."""
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
 def _dynamo_graphs() -> int:
     """How many graphs dynamo compiled in this process (regional compilation: one per region and shape)."""
     from torch._dynamo.utils import counters
@@ -54,19 +67,21 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=1, help="images decoded together (throughput: images/s)")
     ap.add_argument("--graphs", action="store_true", help="replay the network from CUDA graphs (cod.cuda_graphs)")
-    ap.add_argument("--compile", nargs="?", const="whole", choices=["whole", "regional"],
+    ap.add_argument("--compile", nargs="?", const="whole", choices=COMPILE_MODES,
                     help="torch.compile the denoiser (compile time reported): the whole forward as one graph (the "
                          "default, as cod.load(compile=True)) or only its repeated regions (compile_regions)")
     ap.add_argument("--compile-mode", default=None,
                     help="torch.compile's mode (e.g. max-autotune-no-cudagraphs: inductor tunes the matrix products)")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
-                    help="set torch._inductor.config.KEY (bool/int values), e.g. coordinate_descent_tuning=1")
+                    help="set torch._inductor.config.KEY (true/false, numbers, strings), e.g. coordinate_descent_tuning=true")
     ap.add_argument("--repeats", type=int, default=1,
                     help="timed decodes after the first (default 1: the first decode is the one timed); "
                          "with more, the first is a warm-up and the best of the rest is reported")
     ap.add_argument("--profile", action="store_true",
                     help="also one guided network pass (eager) under torch.profiler: the top kernels by device time")
     a = ap.parse_args()
+    if (a.inductor or a.compile_mode) and not a.compile:
+        ap.error("--inductor and --compile-mode apply to a compiled decode: add --compile")
     if a.threads:
         torch.set_num_threads(a.threads)
     from cod.errors import PrecisionError
@@ -85,8 +100,11 @@ def main() -> None:
         import torch._inductor.config as inductor_config
 
         for item in a.inductor:
-            key, _, value = item.partition("=")
-            setattr(inductor_config, key, int(value) if value.lstrip("-").isdigit() else value)
+            key, eq, value = item.partition("=")
+            if not eq or not hasattr(inductor_config, key):
+                raise SystemExit(f"time_decode: --inductor {item}: expected KEY=VALUE with KEY a setting of "
+                                 f"torch._inductor.config")
+            setattr(inductor_config, key, _setting(value))
         model.compile_denoiser(regional=a.compile == "regional",
                                **({"mode": a.compile_mode} if a.compile_mode else {}))
     m = model.size_multiple

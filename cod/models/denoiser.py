@@ -47,9 +47,11 @@ class CoDDenoiser(nn.Module):
 
     def compile_regions(self, **options) -> None:
         """torch.compile the repeated regions in place (regional compilation): every DiT block, and what a
-        subclass adds in `_compile_stage`. All blocks share one compiled graph (their parameters are graph inputs),
-        so compiling costs one block, not all of them; the glue between the regions (embedders, the final layer)
-        stays eager, and CUDA graphs (cod.cuda_graphs) record the whole call either way."""
+        subclass adds in `_compile_stage`. The blocks share their compiled code (their parameters are graph
+        inputs): one graph per shape of their inputs (PixNerDiT: one; DDT: two, its x-stream blocks being
+        modulated per token), not one per block. The glue between the regions (embedders, the final layer) stays
+        eager, and CUDA graphs (cod.cuda_graphs) record the whole call either way. Like a compiled module's, the
+        compiled regions are not copied with the model (deepcopy or pickle give an uncompiled copy)."""
         for block in self.blocks:
             if isinstance(block, DiTBlock):
                 block.compile(**options)
@@ -57,6 +59,11 @@ class CoDDenoiser(nn.Module):
 
     def _compile_stage(self, options: dict) -> None:
         """A subclass's other compiled region (PixNerDiT: the per-pixel stage)."""
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_compiled_stage", None)  # bound to this instance (nn.Module drops _compiled_call_impl likewise)
+        return state
 
     def condition_stream(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
                          cond: torch.Tensor | None) -> ConditionStream:

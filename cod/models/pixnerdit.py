@@ -156,10 +156,12 @@ class PixNerDiT(CoDDenoiser):
     @property
     def pixel_stage(self):
         """decode_patches, compiled where compile_regions compiled it."""
-        return getattr(self, "_compiled_pixel_stage", None) or self.decode_patches
+        return self.__dict__.get("_compiled_stage") or self.decode_patches
 
     def _compile_stage(self, options: dict) -> None:
-        self._compiled_pixel_stage = torch.compile(self.decode_patches, **options)
+        # Shapes left to dynamo (automatic dynamic): the stage runs on runs of patches whose count varies with the
+        # image size (patches_in_runs), which static graphs would multiply past dynamo's recompilation limit.
+        self._compiled_stage = torch.compile(self.decode_patches, **{**options, "dynamic": None})
 
     def decode_patches(self, patches: torch.Tensor, cond_tokens: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """The per-pixel stage for n patches: patches [B, n, C p^2], condition tokens and s vectors [B, n, D]
