@@ -6,7 +6,8 @@ a device can run.
     int8  bf16, and the transformer's linear layers int8 through torchao: int8 per-channel weights and int8
           activations quantised per token at run time (Int8DynamicActivationInt8WeightConfig)
     fp8   bf16, and the transformer's linear layers float8 (e4m3) through torchao: dynamic per-row activation and
-          weight scales (Float8DynamicActivationFloat8WeightConfig); CUDA devices of compute capability >= 8.9
+          weight scales (Float8DynamicActivationFloat8WeightConfig); CUDA devices of compute capability >= 8.9.
+          COD_FP8=scaled_mm builds the same arithmetic as plain tensors on torch._scaled_mm (cod.kernels.fp8)
 
 What never changes with the precision: the condition encoder and the VQ codebook search (compress). Their output,
 the indices, is the bitstream, so it must not depend on how a model was loaded (tests/test_precision.py).
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -85,7 +87,7 @@ def check_precision(precision: str, device: torch.device | str = "cpu") -> None:
     if precision in ("bf16", "int8", "fp8") and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise PrecisionError(f"precision {precision} computes in bfloat16, which {torch.cuda.get_device_name(device)} "
                              f"does not support: use fp32")
-    if POLICIES[precision].quantize is not None:
+    if POLICIES[precision].quantize == "int8" or (precision == "fp8" and fp8_backend() == "torchao"):
         _torchao()
 
 
@@ -149,16 +151,25 @@ def _within(name: str, prefixes) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
+FP8_BACKENDS = ("torchao", "scaled_mm")
+
+
+def fp8_backend() -> str:
+    """How fp8 linear layers are built: "torchao" (the default: its float8 tensor subclass) or "scaled_mm" (the
+    same per-row arithmetic as plain tensors on torch._scaled_mm, cod.kernels.fp8), from the environment variable
+    COD_FP8, read when a model is converted."""
+    backend = os.environ.get("COD_FP8", "torchao").strip().lower() or "torchao"
+    if backend not in FP8_BACKENDS:
+        raise PrecisionError(f"COD_FP8 must be one of {', '.join(FP8_BACKENDS)}, not '{os.environ['COD_FP8']}'")
+    return backend
+
+
 def quantize_linears(module: nn.Module, kind: str, include=("",), exclude=()) -> None:
-    """torchao's quantize_ on the linear layers of module whose qualified names lie within `include` and not
-    within `exclude`: int8 (int8 activations per token, int8 weights per channel) or fp8 (e4m3, per-row scales;
-    only layers with both sides a multiple of 16, as the scaled matrix product needs)."""
-    q = _torchao()
-    if kind == "int8":
-        config = q.Int8DynamicActivationInt8WeightConfig()
-    elif kind == "fp8":
-        config = q.Float8DynamicActivationFloat8WeightConfig(granularity=q.PerRow())
-    else:
+    """Quantise the linear layers of module whose qualified names lie within `include` and not within `exclude`:
+    int8 through torchao (int8 activations per token, int8 weights per channel) or fp8 (e4m3, per-row scales;
+    only layers with both sides a multiple of 16, as the scaled matrix product needs) through torchao or
+    cod.kernels.fp8 (fp8_backend)."""
+    if kind not in ("int8", "fp8"):
         raise ValueError(f"unknown quantisation '{kind}'")
 
     def chosen(layer: nn.Module, name: str) -> bool:
@@ -168,6 +179,16 @@ def quantize_linears(module: nn.Module, kind: str, include=("",), exclude=()) ->
             return False
         return kind != "fp8" or (layer.in_features % 16 == 0 and layer.out_features % 16 == 0)
 
+    if kind == "fp8" and fp8_backend() == "scaled_mm":
+        from cod.kernels import fp8
+
+        fp8.swap_linears(module, chosen)
+        return
+    q = _torchao()
+    if kind == "int8":
+        config = q.Int8DynamicActivationInt8WeightConfig()
+    else:
+        config = q.Float8DynamicActivationFloat8WeightConfig(granularity=q.PerRow())
     with _quiet_torchao():
         q.quantize_(module, config, filter_fn=chosen)
 
