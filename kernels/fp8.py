@@ -24,15 +24,20 @@ MIN_SCALE = 1e-12  # an all-zero row gets a tiny scale, not a division by zero
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (q [M, K] float8 e4m3, scale [M, 1] float32) with x ≈ q * scale row by row. The scale is
-    computed in x's dtype, then widened, as torchao does: the same scales and codes as its PerRow quantisation."""
+    computed in x's dtype, then widened, as torchao does: the same scales and codes as its PerRow quantisation,
+    except for rows whose amax is below ~4.5e-10 (the scale's floor; torchao divides 0 by 0 on an all-zero row)."""
     scale = (x.abs().amax(dim=-1, keepdim=True) / E4M3_MAX).float().clamp(min=MIN_SCALE)
     q = (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
-    return q, scale
+    # Row-major whatever x's layout (a transposed view keeps its strides through the ops above): CUDA's scaled
+    # product takes the activation row-major only (torchao makes it contiguous likewise).
+    return q.contiguous(), scale
 
 
 class Float8Linear(nn.Module):
     """y = x W^T + b with W stored in float8 e4m3 (one scale per output channel) and x quantised per row at each
-    call. Built from a trained nn.Linear by `from_linear`; inference only (no gradient flows to the weight)."""
+    call. Built from a trained nn.Linear by `from_linear`; inference only (no gradient flows to the weight), and
+    one-way: casting the module (`.to(dtype)`, `.half()`) would cast the float8 weight too, which `_scaled_mm`
+    then refuses."""
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()

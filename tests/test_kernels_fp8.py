@@ -46,6 +46,16 @@ def test_the_layer_is_the_dequantised_product_and_close_to_bf16():
     assert rel_err(y, linear(x)) < 0.08  # float8's own error against the bf16 layer
 
 
+def test_a_transposed_activation_is_quantised_row_major():
+    """A batch-1 condition-token view reaches the layer with its last dimension strided; CUDA's scaled product
+    takes the activation row-major only, so the codes must come out contiguous."""
+    x = torch.randn(32, 5).to(torch.bfloat16).t()  # [5, 32], strides (1, 5)
+    q, _ = quantize_rows(x)
+    assert not x.is_contiguous() and q.is_contiguous()
+    layer = Float8Linear.from_linear(nn.Linear(32, 16).to(torch.bfloat16))
+    assert torch.equal(layer(x), layer(x.contiguous()))
+
+
 def test_layers_whose_sides_are_not_multiples_of_16_are_refused():
     with pytest.raises(ValueError, match="multiple of 16"):
         Float8Linear.from_linear(nn.Linear(20, 32))
@@ -119,7 +129,12 @@ fp8_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_d
 
 @fp8_gpu
 def test_on_a_gpu_both_backends_decode_the_same_image(monkeypatch):
-    """fp8 through torchao and through cod.kernels.fp8 on the float8 tensor cores: the same decode, bit for bit."""
+    """fp8 through torchao and through cod.kernels.fp8 on the float8 tensor cores: the same decode, bit for bit
+    (where torchao's default kernel is torch._scaled_mm too: with the mslk package it would choose its own)."""
+    import importlib.util
+
+    if importlib.util.find_spec("mslk") is not None:
+        pytest.skip("torchao would run mslk's kernels, not torch._scaled_mm")
     images = {}
     for backend in ("torchao", "scaled_mm"):
         monkeypatch.setenv("COD_FP8", backend)
