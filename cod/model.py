@@ -291,14 +291,16 @@ class CoDModel(torch.nn.Module):
         between them stays eager, CoDDenoiser.compile_regions): a third of the compile time for a decode ~5 %
         slower (docs/benchmarks.md: XL on an H200, 21 s vs 60 s to compile, 0.208 vs 0.197 s per decode)."""
         if not self.compiled:
-            options = {"dynamic": False, **options}
-            if regional:
-                self.denoiser.compile_regions(**options)
-            else:
-                self.denoiser.compile(**options)
+            self._compile({"dynamic": False, **options}, regional)
             self.compiled = True
             self._drop_graphs()
         return self
+
+    def _compile(self, options: dict, regional: bool) -> None:
+        if regional:
+            self.denoiser.compile_regions(**options)
+        else:
+            self.denoiser.compile(**options)
 
     @torch.no_grad()
     def reconstruct(self, images01: torch.Tensor, seeds: int | list[int] = 0, tile=None, **sampling) -> torch.Tensor:
@@ -433,7 +435,7 @@ class OneStepModel(CoDModel):
         self._drop_graphs()
         return self
 
-    def compile_denoiser(self, regional: bool = False, **options) -> "OneStepModel":
+    def _compile(self, options: dict, regional: bool) -> None:
         """torch.compile (inductor) the generator and the codec's decoder (which runs outside the generator's forward
         in a decode from indices), with inductor's freezing: the weights become constants, so the matrix products
         run as prepacked oneDNN kernels with their bias and activation fused and the folded modulation is constant-
@@ -443,14 +445,9 @@ class OneStepModel(CoDModel):
         Freezing is inductor's global setting `torch._inductor.config.freezing`, read when a graph compiles (at the
         first call, not here; `torch.compile(options={"freezing": True})` does not reach it): the decode paths set it
         for their own calls only (`_compiling`), so other compiled code in the process is unaffected. `regional` is
-        accepted and ignored: a one-step model runs its network once per image, so it always compiles whole."""
-        if not self.compiled:
-            options = {"dynamic": False, **options}
-            self.denoiser.compile(**options)
-            self.denoiser.codec.decoder.compile(**options)
-            self.compiled = True
-            self._drop_graphs()
-        return self
+        ignored: a one-step model runs its network once per image, so it always compiles whole."""
+        self.denoiser.compile(**options)
+        self.denoiser.codec.decoder.compile(**options)
 
     def _compiling(self):
         """The context of a decode's network calls: inductor's freezing on while a compiled model compiles."""

@@ -225,19 +225,14 @@ def bench_one(args, device, preset, base, size, precisions, peaks) -> list[dict]
         variants.append(eager)
         if args.graphs:
             variants.append(Variant(f"{p} + graphs", copy.deepcopy(model).use_cuda_graphs(), False, p, False, eager))
-        if args.compile:
-            compiled = Variant(f"{p} + compile", copy.deepcopy(model).compile_denoiser(dynamic=False), False, p, True)
+        for regional in [r for r, on in ((False, args.compile), (True, args.compile_regions)) if on]:
+            name = f"{p} + compile" + (" (regions)" if regional else "")
+            compiled = Variant(name, copy.deepcopy(model).compile_denoiser(regional=regional, dynamic=False),
+                               False, p, True)
             variants.append(compiled)
             if args.graphs:
-                variants.append(Variant(f"{p} + compile + graphs", copy.deepcopy(model).compile_denoiser(
-                    dynamic=False).use_cuda_graphs(), False, p, True, compiled))
-        if args.compile_regions:
-            regions = Variant(f"{p} + compile (regions)", copy.deepcopy(model).compile_denoiser(
-                regional=True, dynamic=False), False, p, True)
-            variants.append(regions)
-            if args.graphs:
-                variants.append(Variant(f"{p} + compile (regions) + graphs", copy.deepcopy(model).compile_denoiser(
-                    regional=True, dynamic=False).use_cuda_graphs(), False, p, True, regions))
+                variants.append(Variant(f"{name} + graphs", copy.deepcopy(model).compile_denoiser(
+                    regional=regional, dynamic=False).use_cuda_graphs(), False, p, True, compiled))
     W = work(base, size)
     base.unconditional_condition(size, size)  # cached before any timing
     for v in variants:  # warm-up (and compilation; graphs are recorded at the second call of each shape)
